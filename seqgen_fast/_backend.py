@@ -1,0 +1,212 @@
+"""Backends and dispatch.
+
+Three backends compute every op:
+
+* ``cuda``      -- kernels in ``csrc/`` bound through the pybind11 module ``seqgen_fast._C``;
+* ``triton``    -- Triton kernels in ``seqgen_fast/kernels/``;
+* ``reference`` -- plain PyTorch, the ground truth and the CPU path.
+
+Each op owns a :class:`Dispatcher` that holds, per backend, an implementation and a
+``supports(*args, **kwargs)`` function returning the reasons that backend cannot take these
+inputs (an empty list when it can). Dispatch takes the first capable backend in the op's fixed
+order; when none can, :class:`BackendError` lists every backend's reasons.
+
+A backend is forced, in this order of precedence, by a ``backend=`` argument, by
+``with seqgen_fast.use_backend(name):``, or by the environment variable
+``SEQGEN_FAST_BACKEND`` (read at each call). A forced backend that cannot take an input raises
+with its reasons; it is never silently replaced.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+ENV_VAR = "SEQGEN_FAST_BACKEND"
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("seqgen_fast_backend", default=None)
+
+
+class BackendError(RuntimeError):
+    """No backend (or not the forced one) can take these inputs; the message says why."""
+
+
+def _check_name(name: str, what: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{what}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force backend ``name`` for every op called inside the ``with`` block."""
+    token = _forced.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend(backend: str | None = None) -> str | None:
+    """The backend forced for this call, if any: argument, then context manager, then env var."""
+    if backend is not None:
+        return _check_name(backend, "backend=")
+    if _forced.get() is not None:
+        return _forced.get()
+    env = os.environ.get(ENV_VAR, "").strip()
+    return _check_name(env, ENV_VAR) if env else None
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend availability (the whole backend, independent of any input)
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # an import failure is a reason to report, not to crash on
+        return f"importing triton failed: {exc}"
+    return None
+
+
+def backend_unavailable(name: str) -> str | None:
+    """Why backend ``name`` cannot run at all on this machine, or None when it can."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if not torch.cuda.is_available() and not interpret_mode():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU interpreter)"
+        return None
+    if name == "cuda":
+        from . import _ext
+
+        if _ext.C is None:
+            return _ext.reason
+        if not torch.cuda.is_available():
+            return "no CUDA device visible to torch"
+        return None
+    raise ValueError(name)
+
+
+def device_reasons(name: str, *tensors: torch.Tensor | None) -> list[str]:
+    """Reasons backend ``name`` cannot take tensors on their devices (an empty list when it can).
+
+    ``cuda`` needs CUDA tensors. ``triton`` needs CUDA tensors, or CPU tensors under the
+    interpreter; in automatic dispatch CPU tensors go to ``reference`` first, since the
+    interpreter is for tests, not speed.
+    """
+    if name == "reference":
+        return []
+    devices = {t.device.type for t in tensors if t is not None}
+    if not devices:
+        return []
+    if len({t.device for t in tensors if t is not None}) > 1:
+        return ["tensors are on different devices: " + ", ".join(sorted({str(t.device) for t in tensors if t is not None}))]
+    dev = devices.pop()
+    if dev == "cuda":
+        return []
+    if name == "triton" and dev == "cpu" and interpret_mode():
+        return []
+    return [f"tensors on {dev}; the {name} backend needs CUDA tensors"
+            + (" (or TRITON_INTERPRET=1 for CPU tensors)" if name == "triton" else "")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-op dispatch
+# ----------------------------------------------------------------------------------------------
+Supports = Callable[..., list[str]]
+
+
+@dataclass
+class _Impl:
+    fn: Callable
+    supports: Supports
+
+
+@dataclass
+class Dispatcher:
+    """Chooses a backend for one op.
+
+    ``order`` is the fixed preference order for automatic dispatch. Implementations register
+    with :meth:`register`; their ``supports`` functions receive the op's arguments and return a
+    list of reasons (strings) why they cannot take them.
+    """
+
+    name: str
+    order: tuple[str, ...] = BACKENDS
+    impls: dict[str, _Impl] = field(default_factory=dict)
+
+    def register(self, backend: str, supports: Supports | None = None) -> Callable[[Callable], Callable]:
+        _check_name(backend, f"{self.name}.register")
+
+        def deco(fn: Callable) -> Callable:
+            self.impls[backend] = _Impl(fn, supports or (lambda *a, **k: []))
+            return fn
+
+        return deco
+
+    def reasons(self, backend: str, *args, **kwargs) -> list[str]:
+        """Every reason ``backend`` cannot run this op on these arguments."""
+        if backend not in self.impls:
+            return [f"{self.name} has no {backend} implementation"]
+        why = backend_unavailable(backend)
+        if why:
+            return [why]
+        return list(self.impls[backend].supports(*args, **kwargs))
+
+    def select(self, *args, backend: str | None = None, **kwargs) -> str:
+        """Name of the backend that will run this call (forced, or the first capable)."""
+        forced = forced_backend(backend)
+        if forced is not None:
+            why = self.reasons(forced, *args, **kwargs)
+            if why:
+                raise BackendError(f"{self.name}: forced backend {forced!r} cannot take these inputs: " + "; ".join(why))
+            return forced
+        report = []
+        for name in self.order:
+            why = self.reasons(name, *args, **kwargs)
+            if not why:
+                return name
+            report.append(f"  {name}: " + "; ".join(why))
+        raise BackendError(f"{self.name}: no backend can take these inputs:\n" + "\n".join(report))
+
+    def impl(self, backend: str) -> Callable:
+        return self.impls[backend].fn
+
+    def __call__(self, *args, backend: str | None = None, **kwargs):
+        chosen = self.select(*args, backend=backend, **kwargs)
+        return self.impls[chosen].fn(*args, **kwargs)
+
+
+_DISPATCHERS: dict[str, Dispatcher] = {}
+
+
+def dispatcher(name: str, order: tuple[str, ...] = BACKENDS) -> Dispatcher:
+    """The dispatcher of op ``name``, created on first use with backend preference ``order``."""
+    if name not in _DISPATCHERS:
+        for b in order:
+            _check_name(b, f"dispatcher {name!r} order")
+        _DISPATCHERS[name] = Dispatcher(name, tuple(order))
+    return _DISPATCHERS[name]
+
+
+def all_dispatchers() -> dict[str, Dispatcher]:
+    return dict(_DISPATCHERS)

@@ -1,0 +1,58 @@
+"""Test harness shared by every family.
+
+Without a CUDA device, Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 is set
+here, before anything imports Triton. Tests marked ``gpu`` need a CUDA device and are skipped
+without one; on the GPU machine run ``pytest -m gpu``.
+
+Fixtures:
+  device           -- "cuda" when available, else "cpu"
+  kernel_backend   -- parametrized over the kernel backends usable here ("triton" always: on the
+                      CPU through the interpreter; "cuda" when _C is built and a GPU exists)
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `pytest -m gpu` on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different seed per test (fresh random inputs), printed on failure for replay."""
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    yield
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def kernel_backends():
+    """The kernel backends tests can drive on this machine."""
+    from seqgen_fast import _ext
+
+    names = ["triton"]
+    if HAS_CUDA and _ext.C is not None:
+        names.append("cuda")
+    return names
+
+
+@pytest.fixture(params=kernel_backends())
+def kernel_backend(request):
+    return request.param
