@@ -109,8 +109,8 @@ def backend_unavailable(name: str) -> str | None:
 def device_reasons(name: str, *tensors: torch.Tensor | None) -> list[str]:
     """Reasons backend ``name`` cannot take tensors on their devices (an empty list when it can).
 
-    ``cuda`` needs CUDA tensors. ``triton`` needs CUDA tensors, or CPU tensors under the
-    interpreter; in automatic dispatch CPU tensors go to ``reference`` first, since the
+    ``cuda`` needs CUDA tensors. ``triton`` needs CUDA tensors, or CPU tensors when it is forced
+    under ``TRITON_INTERPRET=1``: in automatic dispatch CPU tensors go to ``reference``, since the
     interpreter is for tests, not speed.
     """
     if name == "reference":
@@ -123,10 +123,12 @@ def device_reasons(name: str, *tensors: torch.Tensor | None) -> list[str]:
     dev = devices.pop()
     if dev == "cuda":
         return []
-    if name == "triton" and dev == "cpu" and interpret_mode():
-        return []
-    return [f"tensors on {dev}; the {name} backend needs CUDA tensors"
-            + (" (or TRITON_INTERPRET=1 for CPU tensors)" if name == "triton" else "")]
+    if name == "triton" and dev == "cpu":
+        if interpret_mode() and forced_backend() == "triton":
+            return []
+        return ["CPU tensors: the triton backend takes them only when forced, under TRITON_INTERPRET=1 "
+                "(the interpreter is for tests; reference is the CPU path)"]
+    return [f"tensors on {dev}; the {name} backend needs CUDA tensors"]
 
 
 # ----------------------------------------------------------------------------------------------
