@@ -1,0 +1,42 @@
+"""Token sampling: seqgen_fast.functional.sample_tokens vs the plain-torch sampler.
+
+Provider "torch" is ``seqgen_fast.reference.sampling.sample_tokens`` on the GPU -- what
+transformers' generate does per step: scale, ``torch.topk`` for top-k, a full ``torch.sort`` +
+``cumsum`` for top-p, ``softmax`` and ``torch.multinomial`` (about ten eager kernels). "ours" is one
+``torch.randint`` for the seed plus one fused kernel. Bytes = the logits read once (the floor is
+bytes / 3.0 TB/s; ours reads the row several times, from L2 after the first pass). Eager timing
+(no CUDA graph): each call draws from the default CUDA generator. Inputs are not rotated: the
+largest case (B64 x 128256 fp32, 33 MB) fits in the H100's 50 MB L2, as a fresh LM-head output does.
+"""
+from __future__ import annotations
+
+import torch
+
+from common import Case
+
+# (label, keyword arguments): the usual chat setting, and nucleus alone (the sort-bound case in torch)
+SETTINGS = [("top_k=50 top_p=0.9 T=0.8", dict(temperature=0.8, top_k=50, top_p=0.9)),
+            ("top_p=0.9", dict(top_p=0.9))]
+QUICK = [(1, 128256, torch.bfloat16), (64, 128256, torch.bfloat16)]
+FULL = [(b, v, d) for d in (torch.float32, torch.bfloat16) for v in (32000, 128256) for b in (1, 64)]
+
+
+def _setup(batch: int, vocab: int, dtype: torch.dtype, kwargs: dict):
+    def setup():
+        from seqgen_fast.functional import sample_tokens
+        from seqgen_fast.reference import sampling as reference
+
+        logits = (torch.randn(batch, vocab, device="cuda") * 3).to(dtype)
+        return {"ours": lambda: sample_tokens(logits, **kwargs),
+                "torch": lambda: reference.sample_tokens(logits, **kwargs)}
+
+    return setup
+
+
+def cases(mode: str):
+    settings = SETTINGS[:1] if mode == "quick" else SETTINGS
+    for batch, vocab, dtype in (QUICK if mode == "quick" else FULL):
+        for label, kwargs in settings:
+            yield Case("sampling", f"sample_tokens {label}", f"B{batch} V{vocab}", dtype,
+                       _setup(batch, vocab, dtype, kwargs), anchor="torch",
+                       bytes=batch * vocab * torch.finfo(dtype).bits // 8)

@@ -1,0 +1,82 @@
+"""``sample(...)``: a denoising loop over a fused scheduler, optionally replayed from one CUDA graph.
+
+The loop is the one diffusers pipelines run::
+
+    x = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        inp = cat([x, x]) if guidance_scale is not None else x
+        out = model_fn(scheduler.scale_model_input(inp, t), t)
+        x = scheduler.step(out, t, x, guidance_scale=guidance_scale, generator=generator).prev_sample
+
+With ``cuda_graph=True`` the *whole loop* -- model_fn calls and the fused steps -- is captured
+into one CUDA graph, so ``model_fn`` must be capturable (no host syncs, no CPU tensors read back,
+static shapes). The first call for a configuration runs the loop eagerly (that is its result and
+also compiles every kernel specialization and builds the coefficient tables), then captures the
+loop; later calls with the same model_fn, scheduler, shapes, dtype, guidance and step count copy
+the latents into the graph's input and replay it. Noise in a graph: in-kernel noise is drawn at
+the (seed, offset) values baked in at capture, so every replay reproduces the same noise; a
+``generator`` is not allowed with ``cuda_graph=True``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .schedulers import FastScheduler, fast_scheduler
+
+
+def _loop(model_fn, fs: FastScheduler, x: torch.Tensor, guidance_scale, generator) -> torch.Tensor:
+    x = x * fs.init_noise_sigma
+    for t in fs.timesteps:
+        inp = torch.cat([x, x]) if guidance_scale is not None else x
+        out = model_fn(fs.scale_model_input(inp, t), t)
+        x = fs.step(out, t, x, guidance_scale=guidance_scale, generator=generator).prev_sample
+    return x
+
+
+def sample(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, latents: torch.Tensor, *,
+           guidance_scale: float | None = None, num_inference_steps: int, generator: torch.Generator | None = None,
+           cuda_graph: bool = False) -> torch.Tensor:
+    """Denoise ``latents`` (B, ...) in ``num_inference_steps`` steps of ``scheduler`` (diffusers or fast).
+
+    ``model_fn(model_input, t)`` returns the model output for the (B, ...) input, or for the
+    (2B, ...) [unconditional; conditional] input when ``guidance_scale`` is given (guidance is
+    fused into the step). ``latents`` is unit-variance noise; it is multiplied by
+    ``init_noise_sigma`` first. Returns the final sample. See the module docstring for
+    ``cuda_graph``.
+    """
+    fs = fast_scheduler(scheduler)
+    if not isinstance(latents, torch.Tensor) or latents.dim() < 1:
+        raise ValueError("latents: expected a (B, ...) tensor")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if not cuda_graph:
+        fs.set_timesteps(num_inference_steps, device=latents.device)
+        fs.rewind()
+        return _loop(model_fn, fs, latents, guidance_scale, generator)
+
+    if latents.device.type != "cuda":
+        raise ValueError("cuda_graph=True needs CUDA latents")
+    if generator is not None:
+        raise ValueError("generator: not allowed with cuda_graph=True (in-kernel noise is used)")
+    key = (id(model_fn), tuple(latents.shape), latents.dtype, latents.device, num_inference_steps,
+           guidance_scale if not isinstance(guidance_scale, torch.Tensor) else ("tensor", id(guidance_scale)))
+    entry = fs._graphs.get(key)
+    if entry is not None:
+        graph, static_in, static_out, _keep = entry
+        static_in.copy_(latents)
+        graph.replay()
+        return static_out.clone()
+
+    fs.set_timesteps(num_inference_steps, device=latents.device)
+    fs.rewind()
+    result = _loop(model_fn, fs, latents, guidance_scale, None)  # eager run: the result, and the warm-up
+    torch.cuda.synchronize(latents.device)
+    static_in = latents.clone()
+    graph = torch.cuda.CUDAGraph()
+    fs.rewind()
+    with torch.cuda.graph(graph):
+        static_out = _loop(model_fn, fs, static_in, guidance_scale, None)
+    fs._graphs[key] = (graph, static_in, static_out, fs._keep_alive())
+    return result

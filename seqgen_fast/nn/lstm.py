@@ -1,0 +1,121 @@
+"""Drop-in ``torch.nn.LSTM`` and ``torch.nn.LSTMCell`` running on seqgen_fast's kernels.
+
+Both subclass torch's classes: constructor, parameters (``weight_ih_l0``, ``weight_hh_l0``,
+``bias_ih_l0``, ``bias_hh_l0``, ``*_reverse``, ``weight_hr_l0``, ...), state_dict keys,
+``extra_repr`` and ``flatten_parameters`` are torch's own; only ``forward`` is replaced, by
+``seqgen_fast.functional.lstm`` / ``lstm_cell``. A state_dict moves freely between the two.
+The backend is chosen per call (``seqgen_fast.use_backend`` or ``SEQGEN_FAST_BACKEND`` force one).
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+from ..integrations.swap import register_swap
+from ..ops.lstm import lstm, lstm_cell
+
+__all__ = ["LSTM", "LSTMCell"]
+
+
+def _share_parameters(new: torch.nn.Module, old: torch.nn.Module) -> None:
+    """Make ``new`` hold ``old``'s Parameter objects (shared storage, optimizers keep working)."""
+    for name, param in old.named_parameters(recurse=False):
+        setattr(new, name, param)
+    new.train(old.training)
+
+
+class LSTM(torch.nn.LSTM):
+    """``torch.nn.LSTM`` with seqgen_fast's forward (same constructor, parameters and outputs).
+
+    Input: [T, B, I] (``batch_first``: [B, T, I]), unbatched [T, I], or a ``PackedSequence``
+    (lengths in any order; ``sorted_indices``/``unsorted_indices`` handled as torch does).
+    ``hx = (h0, c0)``: [L*D, B, P] and [L*D, B, H] ([L*D, P] / [L*D, H] unbatched), or None.
+    Returns ``(output, (h_n, c_n))`` exactly shaped as torch's.
+    """
+
+    @classmethod
+    def from_torch(cls, m: torch.nn.LSTM) -> "LSTM":
+        """A seqgen_fast LSTM sharing ``m``'s parameters (the same Parameter objects: no copy),
+        with its configuration, device, dtype and training mode."""
+        if not isinstance(m, torch.nn.LSTM):
+            raise TypeError(f"LSTM.from_torch: expected a torch.nn.LSTM, got {type(m).__name__}")
+        new = cls(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first, m.dropout, m.bidirectional,
+                  m.proj_size, device="meta", dtype=m.weight_ih_l0.dtype)
+        _share_parameters(new, m)
+        new._init_flat_weights()
+        return new
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        packed = isinstance(input, PackedSequence)
+        batch_sizes = sorted_indices = unsorted_indices = None
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+        if hx is None:
+            self.check_input(input, batch_sizes)
+        else:
+            want = 3 if is_batched else 2
+            if hx[0].dim() != want or hx[1].dim() != want:
+                raise RuntimeError(f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, hx and cx should "
+                                   f"also be {want}-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            if not is_batched:
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            self.check_forward_args(input, hx, batch_sizes)
+            hx = self.permute_hidden(hx, sorted_indices)
+        output, hidden = lstm(input, hx, self._flat_weights, num_layers=self.num_layers, bias=self.bias,
+                              batch_first=self.batch_first, dropout=self.dropout, training=self.training,
+                              bidirectional=self.bidirectional, batch_sizes=batch_sizes)
+        if packed:
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
+                self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, hidden
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """``torch.nn.LSTMCell`` with seqgen_fast's forward: under ``torch.no_grad`` on a GPU one fused
+    launch per step (both matrix-vector products and the cell update), CUDA-graph capturable.
+
+    Input [B, I] or unbatched [I]; ``hx = (h, c)`` [B, H] each ([H] unbatched) or None.
+    Returns ``(h1, c1)``.
+    """
+
+    @classmethod
+    def from_torch(cls, m: torch.nn.LSTMCell) -> "LSTMCell":
+        """A seqgen_fast LSTMCell sharing ``m``'s parameters (no copy), device, dtype and mode."""
+        if not isinstance(m, torch.nn.LSTMCell):
+            raise TypeError(f"LSTMCell.from_torch: expected a torch.nn.LSTMCell, got {type(m).__name__}")
+        new = cls(m.input_size, m.hidden_size, m.bias, device="meta", dtype=m.weight_ih.dtype)
+        _share_parameters(new, m)
+        return new
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+            if hx is not None:
+                hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        h1, c1 = lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if not is_batched:
+            return h1.squeeze(0), c1.squeeze(0)
+        return h1, c1
+
+
+register_swap(torch.nn.LSTM, LSTM.from_torch)
+register_swap(torch.nn.LSTMCell, LSTMCell.from_torch)

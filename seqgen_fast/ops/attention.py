@@ -1,0 +1,407 @@
+"""Prefill attention: ``seqgen_fast.functional.scaled_dot_product_attention`` and ``flash_attention``.
+
+Layers:
+
+* ``seqgen_fast::attention_fwd`` / ``seqgen_fast::attention_bwd`` -- the ``torch.library`` ops (fake
+  and autograd registered) over the (B, H, L, E) contract of ``seqgen_fast.reference.attention``;
+  their body runs the backend chosen by the ``attention`` dispatcher (triton, reference).
+* :func:`flash_attention` -- (batch, seq, heads, dim) layout, packed varlen, GQA; always the op.
+* :func:`scaled_dot_product_attention` -- torch's signature and semantics; its own dispatcher
+  (triton, reference) sends what the kernels take through the op and everything else (dropout,
+  broadcast batch dims, a mask that needs a gradient, float32/float64) to the plain-PyTorch
+  reference, which follows torch's math path.
+
+Input checks run before dispatch, so every backend raises the same errors, each naming the
+argument at fault.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._backend import Dispatcher, device_reasons, dispatcher, forced_backend, use_backend
+from .._checks import register_check
+from ..reference import attention as reference
+from ..reference.attention import BOTTOM_RIGHT, NONE, TOP_LEFT
+from ._library import custom_op
+
+ATTN = dispatcher("attention", order=("triton", "reference"))
+SDPA = dispatcher("scaled_dot_product_attention", order=("triton", "reference"))
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# The op contract: q (B, H, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), see reference.attention
+# ----------------------------------------------------------------------------------------------
+def _kernel_reasons(q, k, v, mask, cu_q) -> list[str]:
+    """Why the Triton kernels cannot take contract-shaped inputs (device reasons included)."""
+    reasons = device_reasons("triton", q, k, v, mask, cu_q)
+    if q.device.type == "cpu" and forced_backend() != "triton":
+        reasons.append("CPU tensors go to reference unless triton is forced")
+    if q.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not float16/bfloat16 (float32 would round to tf32 in the kernels' "
+                       "dots, below torch's float32 precision)")
+    for name, d in (("query/key", q.shape[-1]), ("value", v.shape[-1])):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            reasons.append(f"{name} head dim {d} is outside 1..{MAX_HEAD_DIM}")
+    if mask is not None:
+        if cu_q is not None:
+            reasons.append("attn_mask with packed varlen sequences is not supported")
+        if mask.requires_grad and torch.is_grad_enabled():
+            reasons.append("attn_mask requires grad (the kernels give no mask gradient)")
+    return reasons
+
+
+@ATTN.register("triton", supports=lambda q, k, v, mask, cu_q, *rest: _kernel_reasons(q, k, v, mask, cu_q))
+def _attn_triton(*args):
+    from ..kernels import attention as kernel
+
+    return kernel.attention_fwd(*args)
+
+
+ATTN.register("reference")(reference.attention_fwd)
+
+
+def _bwd_impl(backend: str):
+    if backend == "triton":
+        from ..kernels import attention as kernel
+
+        return kernel.attention_bwd
+    return reference.attention_bwd
+
+
+def _select(disp: Dispatcher, *args, backend: str | None) -> str:
+    """``disp.select`` with a ``backend=`` argument also visible to the supports functions (they
+    consult ``forced_backend()`` to let forced triton take CPU tensors under the interpreter)."""
+    if backend is None:
+        return disp.select(*args)
+    with use_backend(backend):
+        return disp.select(*args)
+
+
+def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, backend):
+    return reference.new_output(q, v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@custom_op("attention_bwd", fake=_bwd_fake)
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None,
+                   cu_q: Tensor | None, cu_k: Tensor | None, max_q: int, max_k: int, scale: float, causal: int,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(backend)(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], mask, cu_q, cu_k)
+    ctx.args = (max_q, max_k, scale, causal, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+@custom_op("attention_fwd", fake=_fwd_fake, backward=_backward, setup_context=_setup)
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_q: Tensor | None, cu_k: Tensor | None,
+                   max_q: int, max_k: int, scale: float, causal: int, backend: str) -> tuple[Tensor, Tensor]:
+    return ATTN.impl(backend)(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal)
+
+
+# ----------------------------------------------------------------------------------------------
+# flash_attention: (batch, seq, heads, dim), varlen
+# ----------------------------------------------------------------------------------------------
+def _fail(fn: str, msg: str, exc=ValueError):
+    raise exc(f"{fn}: {msg}")
+
+
+def _check_qkv_common(fn, q, k, v, names=("q", "k", "v")):
+    for name, t in zip(names, (q, k, v)):
+        if not isinstance(t, Tensor):
+            _fail(fn, f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+        if not t.is_floating_point():
+            _fail(fn, f"{name} dtype must be floating point, got {t.dtype}", TypeError)
+    for name, t in zip(names[1:], (k, v)):
+        if t.dtype != q.dtype:
+            _fail(fn, f"{name} dtype {t.dtype} differs from {names[0]} dtype {q.dtype}", TypeError)
+        if t.device != q.device:
+            _fail(fn, f"{name} is on {t.device}, {names[0]} on {q.device}")
+
+
+def _check_cu(fn, name, cu, q, rows):
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2:
+        _fail(fn, f"{name} must be a 1-D int32/int64 tensor of batch+1 offsets, got "
+                  f"{tuple(cu.shape) if isinstance(cu, Tensor) else type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        _fail(fn, f"{name} dtype must be int32 or int64, got {cu.dtype}", TypeError)
+    if cu.device != q.device:
+        _fail(fn, f"{name} is on {cu.device}, q on {q.device}")
+    if not (cu.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        c = cu.tolist()
+        if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > rows:
+            _fail(fn, f"{name} must start at 0, be non-decreasing and end at most at {rows} (the packed rows), got {c}")
+
+
+def _max_len(cu: Tensor) -> int:
+    return int((cu[1:] - cu[:-1]).max())
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None,
+                    cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
+                    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+                    backend: str | None = None) -> Tensor:
+    """FlashAttention-2 (Triton) in the flash-attn layout; no L x S buffer is ever allocated.
+
+    Dense: ``q (B, L, H, E)``, ``k (B, S, Hk, E)``, ``v (B, S, Hk, Ev)`` -> ``out (B, L, H, Ev)``.
+    Varlen (``cu_seqlens_q``/``cu_seqlens_k`` given): sequences packed along the first dim,
+    ``q (total_q, H, E)``, ``k (total_k, Hk, E)``, ``v (total_k, Hk, Ev)`` -> ``out (total_q, H, Ev)``;
+    sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and likewise for k/v
+    (``cu_seqlens_*``: (batch+1,) int32/int64 prefix sums starting at 0). ``max_seqlen_*`` size
+    the grid; when omitted they are read from ``cu_seqlens_*`` (a device-to-host sync). When they
+    are computed or checked on the host (outside CUDA-graph capture) the offsets are validated.
+
+    Per sequence and head, with query head ``h`` reading kv head ``h // (H // Hk)`` (GQA/MQA)::
+
+        out[i] = sum_j softmax_j(scale * q[i] . k[j]) v[j]         scale = 1/sqrt(E) by default
+
+    ``causal=True`` uses the **bottom-right** convention of flash-attn: query ``i`` sees keys
+    ``j <= i + S - L`` (the queries are the last L positions of the keys, as when appending to a
+    KV cache). For L == S this is the usual lower triangle; for L > S the first L - S query rows
+    see no key and output 0. (torch's ``is_causal`` is top-left; :func:`scaled_dot_product_attention`
+    follows torch.)
+
+    Inputs: float16 or bfloat16 on CUDA for the Triton kernels (the reference backend also takes
+    float32/float64, on any device), any strides, head dims up to 256 (E may differ from Ev).
+    Differentiable in q, k, v (dQ, dK, dV by the FA2 backward kernels).
+    """
+    fn = "flash_attention"
+    _check_qkv_common(fn, q, k, v)
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    want = 3 if varlen else 4
+    layout = "(total, heads, dim)" if varlen else "(batch, seq, heads, dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            _fail(fn, f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        _fail(fn, f"k head dim {k.shape[-1]} != q head dim {q.shape[-1]}")
+    if v.shape[:-1] != k.shape[:-1]:
+        _fail(fn, f"v shape {tuple(v.shape)} must match k shape {tuple(k.shape)} except the last dim")
+    hq, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or hq % hk != 0:
+        _fail(fn, f"q heads {hq} must be a multiple of k heads {hk} (GQA/MQA)")
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            _fail(fn, "give both cu_seqlens_q and cu_seqlens_k for varlen")
+        _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q, q.shape[0])
+        _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0])
+        if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+            _fail(fn, f"cu_seqlens_k has {cu_seqlens_k.numel()} offsets, cu_seqlens_q {cu_seqlens_q.numel()}")
+        cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        max_q = _max_len(cu_q) if max_seqlen_q is None else int(max_seqlen_q)
+        max_k = _max_len(cu_k) if max_seqlen_k is None else int(max_seqlen_k)
+        q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    else:
+        if k.shape[0] != q.shape[0]:
+            _fail(fn, f"k batch {k.shape[0]} != q batch {q.shape[0]}")
+        cu_q = cu_k = None
+        max_q = max_k = 0
+        q4, k4, v4 = (t.transpose(1, 2) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    mode = BOTTOM_RIGHT if causal else NONE
+    chosen = _select(ATTN, q4, k4, v4, None, cu_q, cu_k, max_q, max_k, scale, mode, backend=backend)
+    out4, _ = _attention_fwd(q4, k4, v4, None, cu_q, cu_k, max_q, max_k, scale, mode, chosen)
+    return out4[0].transpose(0, 1) if varlen else out4.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# scaled_dot_product_attention: torch's semantics
+# ----------------------------------------------------------------------------------------------
+def _score_batch(query: Tensor, key: Tensor, enable_gqa: bool) -> tuple[int, ...]:
+    """Batch dims of the (..., L, S) score matrix: query's and key's broadcast (GQA: query heads)."""
+    fn = "scaled_dot_product_attention"
+    kb = list(key.shape[:-2])
+    if enable_gqa:
+        kb[-1] = query.shape[-3]
+    try:
+        return tuple(torch.broadcast_shapes(query.shape[:-2], tuple(kb)))
+    except RuntimeError:
+        _fail(fn, f"key batch dims {tuple(key.shape[:-2])} do not broadcast with query batch dims "
+                  f"{tuple(query.shape[:-2])}")
+
+
+def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
+    fn = "scaled_dot_product_attention"
+    _check_qkv_common(fn, query, key, value, ("query", "key", "value"))
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            _fail(fn, f"{name} must be (..., seq, dim) with at least 2 dims, got shape {tuple(t.shape)}")
+    if key.shape[-1] != query.shape[-1]:
+        _fail(fn, f"key head dim {key.shape[-1]} != query head dim {query.shape[-1]}")
+    if value.shape[-2] != key.shape[-2]:
+        _fail(fn, f"value has {value.shape[-2]} positions (dim -2), key has {key.shape[-2]}")
+    if enable_gqa:
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() < 3 or query.dim() < 3 or t.shape[-3] == 0 or query.shape[-3] % t.shape[-3] != 0:
+                _fail(fn, f"enable_gqa: query heads (dim -3) must be a multiple of {name} heads, got query "
+                          f"{tuple(query.shape)}, {name} {tuple(t.shape)}")
+    batch = _score_batch(query, key, enable_gqa)
+    vb = list(value.shape[:-2])
+    if enable_gqa:
+        vb[-1] = query.shape[-3]
+    try:
+        torch.broadcast_shapes(batch, tuple(vb))
+    except RuntimeError:
+        _fail(fn, f"value batch dims {tuple(value.shape[:-2])} do not broadcast with the scores' {batch}")
+    if not 0.0 <= dropout_p <= 1.0:
+        _fail(fn, f"dropout_p must lie in [0, 1], got {dropout_p}")
+    if attn_mask is not None:
+        if is_causal:
+            _fail(fn, "attn_mask must be None when is_causal=True (torch raises the same)")
+        if not isinstance(attn_mask, Tensor):
+            _fail(fn, f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}", TypeError)
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            _fail(fn, f"attn_mask dtype must be bool, float32 or the query dtype {query.dtype}, got {attn_mask.dtype}",
+                  TypeError)
+        if attn_mask.device != query.device:
+            _fail(fn, f"attn_mask is on {attn_mask.device}, query on {query.device}")
+        scores = batch + (query.shape[-2], key.shape[-2])
+        try:
+            ok = tuple(torch.broadcast_shapes(attn_mask.shape, scores)) == scores
+        except RuntimeError:
+            ok = False
+        if not ok:
+            _fail(fn, f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to the attention weights' "
+                      f"shape {scores}")
+
+
+def _as4d(t: Tensor) -> Tensor:
+    """(..., H, L, E) -> (B, H, L, E): a view for 2-4 dims, a reshape (view when strides allow) above."""
+    if t.dim() == 4:
+        return t
+    if t.dim() < 4:
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _sdpa_triton_reasons(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> list[str]:
+    reasons = []
+    if dropout_p > 0.0:
+        reasons.append(f"dropout_p={dropout_p} (the kernels have no dropout)")
+    if not (query.dim() == key.dim() == value.dim() and query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
+        reasons.append("query/key/value batch dims differ (broadcast batch dims go to reference)")
+    hq = query.shape[-3] if query.dim() >= 3 else 1
+    hk = key.shape[-3] if key.dim() >= 3 else 1
+    hv = value.shape[-3] if value.dim() >= 3 else 1
+    if hk != hv or not (hk == hq or hk == 1 or (enable_gqa and hq % hk == 0)):
+        reasons.append(f"head counts query {hq}, key {hk}, value {hv} are not equal, GQA or broadcast")
+    return reasons + _kernel_reasons(query, key, value, attn_mask, None)
+
+
+@SDPA.register("triton", supports=_sdpa_triton_reasons)
+def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    q4, k4, v4 = _as4d(query), _as4d(key), _as4d(value)
+    mask4 = None
+    if attn_mask is not None:
+        mask4 = _as4d(attn_mask.expand(*query.shape[:-1], key.shape[-2]))
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    out4, _ = _attention_fwd(q4, k4, v4, mask4, None, None, 0, 0, scale, TOP_LEFT if is_causal else NONE, "triton")
+    return out4.reshape(*query.shape[:-1], value.shape[-1])
+
+
+SDPA.register("reference")(reference.sdpa)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False, *, backend: str | None = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature and result).
+
+    ``query (..., L, E)``, ``key (..., S, E)``, ``value (..., S, Ev)`` -> ``(..., L, Ev)``::
+
+        out = dropout(softmax(scale * query @ key^T + bias)) @ value,   scale = 1/sqrt(E) by default
+
+    ``attn_mask`` broadcasts to the (..., L, S) weights: bool (True = take part) or additive float
+    (float32 or the query dtype). ``is_causal`` applies torch's **top-left** causal mask
+    ``ones(L, S).tril()`` (query ``i`` sees keys ``j <= i``, whatever L and S). A row with every
+    key masked gives 0 (as torch >= 2.5's math path), not NaN. ``enable_gqa``: key/value heads
+    (dim -3) divide the query heads; query head ``h`` reads kv head ``h // (Hq // Hk)``.
+
+    Backends: ``triton`` (fp16/bf16 CUDA tensors, equal batch dims, equal heads or GQA or one
+    broadcast kv head, head dims <= 256, bool or float masks without gradient, no dropout: the
+    FlashAttention-2 kernels, no L x S buffer) and ``reference`` (everything else, torch's math
+    path in plain ops). ``backend=`` forces one (also ``seqgen_fast.use_backend``).
+    """
+    _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    chosen = _select(SDPA, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
+    return SDPA.impl(chosen)(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-checks (seqgen-fast check)
+# ----------------------------------------------------------------------------------------------
+def torch_math(q, k, v, attn_mask=None, **kw):
+    """torch's own math-path SDPA (aten, unaffected by any patching of F.scaled_dot_product_attention).
+
+    The aten op adds ``attn_mask``; a bool mask becomes 0 / -inf first, as torch's wrapper does.
+    """
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, attn_mask, **kw)[0]
+
+
+def _grads(out: Tensor, inputs, seed_grad: Tensor):
+    return torch.autograd.grad(out, inputs, seed_grad)
+
+
+_CHECK_DTYPES = dict(dtypes=(torch.float16, torch.bfloat16), cpu_dtypes=(torch.float16,))
+
+
+@register_check("attention.sdpa_causal_gqa", **_CHECK_DTYPES)
+def _check_sdpa_causal_gqa(device, dtype):
+    q = torch.randn(2, 4, 65, 64, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 97, 64, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 97, 64, device=device, dtype=dtype, requires_grad=True)
+    out = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    go = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), go)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = torch_math(*ref_in, is_causal=True, enable_gqa=True)
+    ref_grads = _grads(ref, ref_in, go.double())
+    return {"out": (out, ref), **{f"d{n}": (g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
+
+
+@register_check("attention.sdpa_bool_mask", **_CHECK_DTYPES)
+def _check_sdpa_mask(device, dtype):
+    q = torch.randn(2, 3, 33, 64, device=device, dtype=dtype)
+    k = torch.randn(2, 3, 47, 64, device=device, dtype=dtype)
+    v = torch.randn(2, 3, 47, 32, device=device, dtype=dtype)
+    mask = torch.rand(2, 1, 33, 47, device=device) > 0.4
+    mask[:, :, 5] = False  # a fully masked row: 0, as torch's math path
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return {"out": (out, torch_math(q.double(), k.double(), v.double(), attn_mask=mask))}
+
+
+@register_check("attention.flash_varlen_causal", **_CHECK_DTYPES)
+def _check_varlen(device, dtype):
+    lens_q, lens_k = [7, 33, 1], [40, 33, 5]
+    cu_q = torch.tensor([0, 7, 40, 41], device=device, dtype=torch.int32)
+    cu_k = torch.tensor([0, 40, 73, 78], device=device, dtype=torch.int32)
+    q = torch.randn(41, 4, 64, device=device, dtype=dtype)
+    k = torch.randn(78, 2, 64, device=device, dtype=dtype)
+    v = torch.randn(78, 2, 64, device=device, dtype=dtype)
+    out = flash_attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    refs = []
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        qs, ks, vs = (t[c[b]:c[b] + n].transpose(0, 1).double() for t, c, n in
+                      ((q, cu_q, lq), (k, cu_k, lk), (v, cu_k, lk)))
+        mask = reference.causal_mask(lq, lk, BOTTOM_RIGHT, device)
+        refs.append(torch_math(qs, ks, vs, attn_mask=mask, enable_gqa=True).transpose(0, 1))
+    return {"out": (out, torch.cat(refs))}

@@ -1,0 +1,488 @@
+"""Prefill attention: scaled_dot_product_attention (torch's semantics) and flash_attention.
+
+CPU: the reference backend over a broad grid of torch's semantics against torch's own math
+backend in float64 (masks, causal L != S, GQA, dropout, scale, batch dims, gradients); the Triton
+kernels under the interpreter on a handful of tiny odd shapes (forward and backward, causal both
+conventions, GQA, varlen, masks); opcheck of the ops; input errors. GPU (-m gpu): every head dim x
+dtype x causal x GQA x varlen against float64 with the flash-attn rule, odd lengths, backward,
+and peak memory O(S) at S = 16384.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from seqgen_fast import BackendError, use_backend
+from seqgen_fast.functional import flash_attention, scaled_dot_product_attention
+from seqgen_fast.ops import attention as ops
+from seqgen_fast.reference import attention as reference
+from seqgen_fast.reference.attention import BOTTOM_RIGHT, TOP_LEFT
+from utils import assert_close_rel, rel_err
+
+F64 = torch.float64
+
+
+def torch_sdpa(*args, **kwargs):
+    """torch's public SDPA on its math backend (the semantics we must reproduce)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def rand(*shape, dtype=F64, device="cpu", grad=False):
+    return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
+
+
+def grads_of(out, inputs, go):
+    return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], go, allow_unused=False)
+
+
+def lowp_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, scale=None):
+    """Plain PyTorch attention in the input dtype (flash-attn's ``attention_ref(upcast=False)``):
+    matmuls in the dtype, softmax in float32 rounded back to the dtype; (B, H, L, E) layout."""
+    if enable_gqa:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if is_causal:
+        attn_mask = reference.causal_mask(q.shape[-2], k.shape[-2], TOP_LEFT, q.device)
+    bias = 0.0 if attn_mask is None else reference._bias_from_mask(attn_mask, torch.float32)
+    return torch.matmul(reference._safe_softmax(scores.float() + bias).to(q.dtype), v)
+
+
+def flash_via(fn, q, k, v, causal, cu_q=None, cu_k=None):
+    """flash_attention's result from an SDPA-like ``fn`` in (B, H, L, E) layout, one sequence at a
+    time for varlen, with the bottom-right causal mask."""
+    if cu_q is None:
+        L, S = q.shape[1], k.shape[1]
+        mask = reference.causal_mask(L, S, BOTTOM_RIGHT, q.device) if causal else None
+        return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                  enable_gqa=True).transpose(1, 2)
+    outs = []
+    for b in range(cu_q.numel() - 1):
+        rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        outs.append(flash_via(fn, q[None, rq], k[None, rk], v[None, rk], causal)[0])
+    return torch.cat(outs)
+
+
+def assert_flash_rule(ours, low_ref, exact, what):
+    """flash-attn's rule: error of ours <= 2x the error of plain PyTorch in the same dtype, plus (as
+    flash-attn's dq/dk/dv atol) twice the error of merely rounding the exact result to the dtype;
+    errors measured against a float64 result."""
+    e_ours, e_ref = rel_err(ours, exact), rel_err(low_ref, exact)
+    floor = 2 * rel_err(exact.to(ours.dtype), exact)
+    assert e_ours == e_ours, f"{what}: NaN where the reference has none"
+    assert e_ours <= 2 * e_ref + floor, f"{what}: error {e_ours:.2e} > 2 x plain PyTorch's {e_ref:.2e} + {floor:.1e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference path vs torch's math backend (float64)
+# ----------------------------------------------------------------------------------------------
+MASKS = ["none", "causal", "bool_ls", "bool_b1ls", "bool_full_row_masked", "float_1hls", "float_ls_grad"]
+
+
+def make_mask(kind, B, H, L, S, dtype=F64):
+    if kind == "bool_ls":
+        return torch.rand(L, S) > 0.3
+    if kind == "bool_b1ls":
+        return torch.rand(B, 1, L, S) > 0.5
+    if kind == "bool_full_row_masked":
+        m = torch.rand(B, H, L, S) > 0.3
+        m[..., L // 2, :] = False
+        return m
+    if kind == "float_1hls":
+        return torch.randn(1, H, L, S, dtype=dtype).masked_fill(torch.rand(1, H, L, S) < 0.2, float("-inf"))
+    if kind == "float_ls_grad":
+        return torch.randn(L, S, dtype=dtype, requires_grad=True)
+    return None
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 33), (7, 33), (33, 7), (97, 97)])
+def test_reference_matches_torch_math(mask_kind, L, S):
+    B, H, E, Ev = 2, 3, 16, 24
+    q, k, v = rand(B, H, L, E, grad=True), rand(B, H, S, E, grad=True), rand(B, H, S, Ev, grad=True)
+    mask = make_mask(mask_kind, B, H, L, S)
+    kw = dict(is_causal=True) if mask_kind == "causal" else dict(attn_mask=mask)
+    ours = scaled_dot_product_attention(q, k, v, backend="reference", **kw)
+    ref = torch_sdpa(q, k, v, **kw)
+    assert_close_rel(ours, ref, 1e-12, "out")
+    inputs = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
+    go = torch.randn_like(ref)
+    for name, a, b in zip("qkvm", grads_of(ours, inputs, go), grads_of(ref, inputs, go)):
+        assert_close_rel(a, b, 1e-12, f"d{name}")
+
+
+@pytest.mark.parametrize("case", ["gqa", "mqa_broadcast", "scale", "3d", "5d", "2d", "broadcast_batch", "ev_ne_e"])
+def test_reference_shapes_and_options(case):
+    kw = {}
+    q, k, v = rand(2, 4, 7, 8), rand(2, 4, 9, 8), rand(2, 4, 9, 8)
+    if case == "gqa":
+        k, v, kw = rand(2, 2, 9, 8), rand(2, 2, 9, 8), dict(enable_gqa=True, is_causal=True)
+    elif case == "mqa_broadcast":
+        k, v = rand(2, 1, 9, 8), rand(2, 1, 9, 8)
+    elif case == "scale":
+        kw = dict(scale=0.37)
+    elif case == "3d":
+        q, k, v = rand(3, 7, 8), rand(3, 9, 8), rand(3, 9, 8)
+        kw = dict(attn_mask=torch.rand(7, 9) > 0.5)
+    elif case == "5d":
+        q, k, v = rand(2, 3, 4, 7, 8), rand(2, 3, 4, 9, 8), rand(2, 3, 4, 9, 8)
+        kw = dict(attn_mask=torch.rand(3, 1, 7, 9) > 0.5)
+    elif case == "2d":
+        q, k, v = rand(7, 8), rand(9, 8), rand(9, 8)
+    elif case == "broadcast_batch":
+        k, v = rand(1, 4, 9, 8), rand(4, 9, 8)
+    elif case == "ev_ne_e":
+        v = rand(2, 4, 9, 5)
+    ours = scaled_dot_product_attention(q, k, v, backend="reference", **kw)
+    assert_close_rel(ours, torch_sdpa(q, k, v, **kw), 1e-12, case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reference_low_precision_matches_torch(dtype):
+    q, k, v = rand(2, 3, 33, 16, dtype=dtype), rand(2, 3, 7, 16, dtype=dtype), rand(2, 3, 7, 16, dtype=dtype)
+    mask = torch.randn(33, 7, dtype=dtype)
+    ours = scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="reference")
+    assert ours.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert_close_rel(ours, torch_sdpa(q, k, v, attn_mask=mask), tol)
+
+
+def test_reference_dropout_matches_torch_with_the_same_seed():
+    q, k, v = rand(2, 3, 7, 8, grad=True), rand(2, 3, 9, 8, grad=True), rand(2, 3, 9, 8, grad=True)
+    torch.manual_seed(123)
+    ours = scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="reference")
+    torch.manual_seed(123)
+    ref = torch_sdpa(q, k, v, dropout_p=0.3)
+    assert_close_rel(ours, ref, 1e-12, "out with dropout")
+    assert rel_err(ours, torch_sdpa(q, k, v)) > 1e-3, "dropout changed nothing"
+    go = torch.randn_like(ref)
+    for a, b in zip(grads_of(ours, [q, k, v], go), grads_of(ref, [q, k, v], go)):
+        assert_close_rel(a, b, 1e-12, "grad with dropout")
+
+
+def test_reference_dropout_mask_matches_aten():
+    q, k, v = rand(2, 3, 7, 8), rand(2, 3, 9, 8), rand(2, 3, 9, 8)
+    keep = torch.rand(2, 3, 7, 9) > 0.25
+    ours = reference.sdpa(q, k, v, dropout_p=0.25, dropout_mask=keep)
+    ref = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, None, 0.25, False, keep)[0]
+    assert_close_rel(ours, ref, 1e-12)
+    # dropout statistics: the mean over many draws approaches the dropout-free output
+    q1, k1, v1 = q[:1, :1], k[:1, :1], v[:1, :1]
+    mean = torch.stack([scaled_dot_product_attention(q1, k1, v1, dropout_p=0.5) for _ in range(2000)]).mean(0)
+    assert rel_err(mean, scaled_dot_product_attention(q1, k1, v1)) < 0.1
+
+
+def test_cpu_automatic_dispatch_goes_to_reference_and_triton_says_why():
+    q = rand(1, 2, 7, 32, dtype=torch.float16)
+    args = (q, q, q, None, 0.0, False, None, False)
+    assert ops.SDPA.select(*args) == "reference"
+    assert ops.SDPA.select(*args[:4], 0.1, *args[5:], backend="reference") == "reference"
+    with pytest.raises(BackendError, match="dropout"):
+        with use_backend("triton"):
+            ops.SDPA.select(*args[:4], 0.1, *args[5:])
+    with pytest.raises(BackendError, match="float32"):
+        scaled_dot_product_attention(q.float(), q.float(), q.float(), backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (tiny shapes; on the GPU these run compiled)
+# ----------------------------------------------------------------------------------------------
+def run_sdpa_both(q, k, v, go, **kw):
+    """(out, grads) of ours (triton forced), of plain PyTorch in q's dtype, and in float64."""
+    def run(fn, dtype, **extra):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        mask = kw.get("attn_mask")
+        if mask is not None and mask.is_floating_point():
+            extra["attn_mask"] = mask.to(dtype)
+        out = fn(*ins, **{**kw, **extra})
+        return [out] + list(torch.autograd.grad(out, ins, go.to(dtype)))
+
+    ours = run(scaled_dot_product_attention, q.dtype, backend="triton")
+    low = run(lowp_sdpa, q.dtype)
+    exact = run(torch_sdpa, F64)
+    return ours, low, exact
+
+
+SDPA_TRITON_CASES = {
+    "plain_L7_S33_D32": dict(shape=(1, 2, 2, 7, 33, 32, 32), kw={}),
+    "causal_topleft_L33_S7_D64": dict(shape=(1, 2, 2, 33, 7, 64, 64), kw=dict(is_causal=True)),
+    "causal_topleft_L7_S33_gqa": dict(shape=(2, 4, 2, 7, 33, 32, 32), kw=dict(is_causal=True, enable_gqa=True)),
+    "bool_mask_full_row_E24_Ev40": dict(shape=(1, 2, 2, 20, 33, 24, 40), kw="bool"),
+    "additive_mask_mqa": dict(shape=(1, 4, 1, 17, 33, 32, 32), kw="float"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(SDPA_TRITON_CASES))
+def test_sdpa_triton_interpreter(name, dtype, device):
+    B, H, Hk, L, S, E, Ev = SDPA_TRITON_CASES[name]["shape"]
+    kw = SDPA_TRITON_CASES[name]["kw"]
+    if kw == "bool":
+        mask = torch.rand(B, 1, L, S, device=device) > 0.4
+        mask[:, :, 3] = False
+        kw = dict(attn_mask=mask)
+    elif kw == "float":
+        kw = dict(attn_mask=torch.randn(L, S, device=device, dtype=dtype))
+    q = rand(B, H, L, E, dtype=dtype, device=device)
+    k, v = rand(B, Hk, S, E, dtype=dtype, device=device), rand(B, Hk, S, Ev, dtype=dtype, device=device)
+    go = rand(B, H, L, Ev, dtype=dtype, device=device)
+    ours, low, exact = run_sdpa_both(q, k, v, go, **kw)
+    for what, a, b, c in zip(["out", "dq", "dk", "dv"], ours, low, exact):
+        assert a.dtype == dtype and a.shape == c.shape
+        assert_flash_rule(a, b, c, what)
+    if "full_row" in name:
+        assert torch.all(ours[0][:, :, 3] == 0), "a fully masked row must give 0 (torch's math path)"
+
+
+def test_sdpa_triton_3d_and_strided_inputs(device):
+    """(N, L, E) inputs and a transposed (B, L, H, E) storage go through the kernels without copies."""
+    q = rand(3, 7, 32, dtype=torch.float16, device=device)
+    k = rand(3, 33, 32, dtype=torch.float16, device=device)
+    out = scaled_dot_product_attention(q, k, k, backend="triton")
+    assert_close_rel(out, torch_sdpa(q.double(), k.double(), k.double()), 2e-3)
+    qs = rand(1, 7, 2, 32, dtype=torch.float16, device=device).transpose(1, 2)
+    out = scaled_dot_product_attention(qs, qs, qs, is_causal=True, backend="triton")
+    assert_close_rel(out, torch_sdpa(qs.double(), qs.double(), qs.double(), is_causal=True), 2e-3)
+
+
+def flash_exact(q, k, v, causal, cu_q=None, cu_k=None):
+    """float64 flash_attention reference (bottom-right causal) through the reference op path."""
+    return flash_attention(q.double(), k.double(), v.double(), causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                           backend="reference")
+
+
+@pytest.mark.parametrize("L,S,causal", [(7, 33, True), (33, 7, True), (33, 33, False)])
+def test_flash_attention_triton_dense(L, S, causal, device):
+    dtype = torch.bfloat16
+    q = rand(2, L, 4, 32, dtype=dtype, device=device, grad=True)
+    k = rand(2, S, 2, 32, dtype=dtype, device=device, grad=True)
+    v = rand(2, S, 2, 64, dtype=dtype, device=device, grad=True)
+    out = flash_attention(q, k, v, causal=causal, backend="triton")
+    assert out.shape == (2, L, 4, 64) and out.is_contiguous()
+    ins = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = flash_exact(*ins, causal)
+    go = torch.randn_like(out)
+    assert_close_rel(out, ref, 2e-2, "out")
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, ins, go.double())):
+        assert_close_rel(a, b, 2e-2, f"d{name}")
+    if causal and L > S:  # bottom-right: the first L - S query rows see no key
+        assert torch.all(out[:, : L - S] == 0)
+    # the float64 path is torch's own math with the bottom-right mask
+    mask = reference.causal_mask(L, S, BOTTOM_RIGHT if causal else TOP_LEFT, device) if causal else None
+    torch_ref = torch_sdpa(ins[0].transpose(1, 2), ins[1].transpose(1, 2), ins[2].transpose(1, 2),
+                           attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    assert_close_rel(ref, torch_ref, 1e-12, "reference flash vs torch")
+
+
+def test_flash_attention_triton_varlen_gqa_backward(device):
+    dtype = torch.float16
+    lens_q, lens_k = [7, 1, 20], [9, 33, 20]
+    cu_q = torch.tensor([0, 7, 8, 28], device=device, dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 42, 62], device=device)  # int64 offsets are accepted too
+    q = rand(28, 4, 32, dtype=dtype, device=device, grad=True)
+    k = rand(62, 2, 32, dtype=dtype, device=device, grad=True)
+    v = rand(62, 2, 32, dtype=dtype, device=device, grad=True)
+    out = flash_attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="triton")
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    ins = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = flash_exact(*ins, True, cu_q, cu_k)
+    ref_grads = torch.autograd.grad(ref, ins, go.double())
+    assert_close_rel(out, ref, 2e-3, "out")
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert_close_rel(a, b, 2e-3, f"d{name}")
+    # the reference varlen path equals torch's math, one sequence at a time
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        qs = ins[0][cu_q[b]:cu_q[b] + lq].transpose(0, 1)
+        ks, vs = (t[cu_k[b]:cu_k[b] + lk].transpose(0, 1) for t in ins[1:])
+        seq = torch_sdpa(qs, ks, vs, attn_mask=reference.causal_mask(lq, lk, BOTTOM_RIGHT, device), enable_gqa=True)
+        assert_close_rel(ref[cu_q[b]:cu_q[b] + lq], seq.transpose(0, 1), 1e-12, f"sequence {b}")
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16), (64, 16)])
+@pytest.mark.parametrize("causal", [TOP_LEFT, BOTTOM_RIGHT])
+def test_kernel_block_shapes_causal_skipping(blocks, causal, device):
+    """The causal block skipping (fully-visible blocks unmasked, invisible ones never visited) for
+    every ratio of query to key block sizes, L < S and L > S, dense and varlen, against float64."""
+    from seqgen_fast.kernels import attention as kernel
+
+    torch.manual_seed(0)
+    h = torch.float16
+    cases = [(rand(1, 2, 37, 32, dtype=h, device=device), rand(1, 1, 71, 32, dtype=h, device=device), None),
+             (rand(1, 2, 71, 32, dtype=h, device=device), rand(1, 1, 37, 32, dtype=h, device=device), None)]
+    cu_q = torch.tensor([0, 19, 20, 60], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 40, 57, 70], dtype=torch.int32, device=device)
+    cases.append((rand(60, 2, 32, dtype=h, device=device).transpose(0, 1)[None],
+                  rand(70, 1, 32, dtype=h, device=device).transpose(0, 1)[None], (cu_q, cu_k, 40, 40)))
+    fixed = {"dkdv": blocks[::-1], "dq": blocks}
+    for q, k, varlen in cases:
+        v = k
+        cu = varlen or (None, None, 0, 0)
+        out, lse = kernel.attention_fwd(q, k, v, None, *cu, 0.3, causal, blocks=blocks)
+        go = torch.randn_like(out)
+        grads = kernel.attention_bwd(go, q, k, v, out, lse, None, *cu, 0.3, causal, blocks=fixed)
+        ref, ref_lse = reference.attention_fwd(q.double(), k.double(), v.double(), None, *cu, 0.3, causal)
+        ref_grads = reference.attention_bwd(go.double(), q.double(), k.double(), v.double(), ref, ref_lse, None,
+                                            *cu, 0.3, causal)
+        assert_close_rel(out, ref, 2e-3, "out")
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "fully masked rows"
+        assert_close_rel(lse, ref_lse, 1e-5, "lse")
+        for name, a, b in zip("qkv", grads, ref_grads):
+            assert_close_rel(a, b, 3e-3, f"d{name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck of the ops (fake, autograd registration, schema)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_opcheck(backend, device):
+    dtype = torch.float16
+    q = rand(1, 2, 7, 32, dtype=dtype, device=device, grad=True)
+    k = rand(1, 2, 33, 32, dtype=dtype, device=device, grad=True)
+    v = rand(1, 2, 33, 32, dtype=dtype, device=device, grad=True)
+    mask = torch.rand(7, 33, device=device) > 0.3
+    with use_backend(backend):
+        torch.library.opcheck(ops._attention_fwd, (q, k, v, mask, None, None, 0, 0, 0.2, TOP_LEFT, backend))
+        out, lse = ops._attention_fwd(q, k, v, None, None, None, 0, 0, 0.2, BOTTOM_RIGHT, backend)
+        args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, None, None, None,
+                0, 0, 0.2, BOTTOM_RIGHT, backend)
+        torch.library.opcheck(ops._attention_bwd, args, test_utils=("test_schema", "test_faketensor"))
+        qv = rand(12, 2, 32, dtype=dtype, device=device, grad=True).transpose(0, 1).unsqueeze(0)
+        cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+        torch.library.opcheck(ops._attention_fwd, (qv, qv, qv, None, cu, cu, 7, 7, 0.2, BOTTOM_RIGHT, backend))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear exception naming the argument (checked before any backend runs)
+# ----------------------------------------------------------------------------------------------
+def _sdpa_bad(name):
+    q, k, v = rand(2, 4, 7, 8), rand(2, 4, 9, 8), rand(2, 4, 9, 8)
+    return {
+        "key_head_dim": ((q, rand(2, 4, 9, 6), v), {}, "key head dim"),
+        "value_len": ((q, k, rand(2, 4, 8, 8)), {}, "value has 8"),
+        "key_batch": ((q, rand(3, 4, 9, 8), rand(3, 4, 9, 8)), {}, "key batch dims"),
+        "gqa_heads": ((q, rand(2, 3, 9, 8), rand(2, 3, 9, 8)), dict(enable_gqa=True), "key heads"),
+        "mask_shape": ((q, k, v), dict(attn_mask=torch.ones(7, 8, dtype=torch.bool)), "attn_mask shape"),
+        "mask_dtype": ((q, k, v), dict(attn_mask=torch.ones(7, 9, dtype=torch.int32)), "attn_mask dtype"),
+        "mask_and_causal": ((q, k, v), dict(attn_mask=torch.ones(7, 9, dtype=torch.bool), is_causal=True),
+                            "attn_mask must be None"),
+        "key_dtype": ((q, k.float(), v), {}, "key dtype"),
+        "int_query": ((q.long(), k.long(), v.long()), {}, "query dtype"),
+        "one_dim": ((q[0, 0, 0], k, v), {}, "query must be"),
+        "dropout": ((q, k, v), dict(dropout_p=1.5), "dropout_p"),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["key_head_dim", "value_len", "key_batch", "gqa_heads", "mask_shape", "mask_dtype",
+                                  "mask_and_causal", "key_dtype", "int_query", "one_dim", "dropout"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sdpa_bad_input(name, backend):
+    args, kw, words = _sdpa_bad(name)
+    with pytest.raises((ValueError, TypeError), match=words):
+        scaled_dot_product_attention(*args, **kw, backend=backend)
+
+
+@pytest.mark.parametrize("name,words", [
+    ("batch", "k batch"), ("heads", "multiple of k heads"), ("head_dim", "k head dim"), ("v_shape", "v shape"),
+    ("layout", "q must be"), ("cu_missing", "both cu_seqlens"), ("cu_dtype", "cu_seqlens_q dtype"),
+    ("cu_values", "cu_seqlens_k must start"), ("cu_count", "cu_seqlens_k has"), ("dtype", "k dtype"),
+])
+def test_flash_attention_bad_input(name, words):
+    h = torch.float16
+    q, k, v = rand(2, 7, 4, 32, dtype=h), rand(2, 9, 2, 32, dtype=h), rand(2, 9, 2, 32, dtype=h)
+    qp, kp = rand(10, 4, 32, dtype=h), rand(12, 2, 32, dtype=h)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    cases = {
+        "batch": ((q, rand(3, 9, 2, 32, dtype=h), rand(3, 9, 2, 32, dtype=h)), {}),
+        "heads": ((q, rand(2, 9, 3, 32, dtype=h), rand(2, 9, 3, 32, dtype=h)), {}),
+        "head_dim": ((q, rand(2, 9, 2, 16, dtype=h), v), {}),
+        "v_shape": ((q, k, rand(2, 8, 2, 32, dtype=h)), {}),
+        "layout": ((q[0], k[0], v[0]), {}),
+        "cu_missing": ((qp, kp, kp), dict(cu_seqlens_q=cu)),
+        "cu_dtype": ((qp, kp, kp), dict(cu_seqlens_q=cu.float(), cu_seqlens_k=cu)),
+        "cu_values": ((qp, kp, kp), dict(cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 9, 20]))),
+        "cu_count": ((qp, kp, kp), dict(cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 12]))),
+        "dtype": ((q, k.float(), v), {}),
+    }
+    args, kw = cases[name]
+    with pytest.raises((ValueError, TypeError), match=words):
+        flash_attention(*args, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: every head dim x dtype x causal x GQA x varlen, odd lengths, backward, memory
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
+def test_gpu_flash_attention_grid(head_dim, dtype, causal, gqa, varlen):
+    dev = "cuda"
+    hk = 2
+    h = hk * gqa
+    if varlen:
+        lens_q, lens_k = [1, 97, 1025, 7], [7, 97, 1000, 1025]
+        cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), device=dev, dtype=torch.int32)
+        cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), device=dev, dtype=torch.int32)
+        shapes = ((sum(lens_q), h, head_dim), (sum(lens_k), hk, head_dim))
+        kw, cu = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), (cu_q, cu_k)
+    else:
+        shapes = ((2, 97, h, head_dim), (2, 1025, hk, head_dim))
+        kw, cu = {}, ()
+    q = rand(*shapes[0], dtype=dtype, device=dev, grad=True)
+    k, v = rand(*shapes[1], dtype=dtype, device=dev, grad=True), rand(*shapes[1], dtype=dtype, device=dev, grad=True)
+    out = flash_attention(q, k, v, causal=causal, **kw)
+    go = torch.randn_like(out)
+    ours = [out, *torch.autograd.grad(out, (q, k, v), go)]
+
+    def run(fn, dtype_):
+        ins = [t.detach().to(dtype_).requires_grad_() for t in (q, k, v)]
+        o = flash_via(fn, *ins, causal, *cu)
+        return [o, *torch.autograd.grad(o, ins, go.to(dtype_))]
+
+    low, exact = run(lowp_sdpa, dtype), run(torch_sdpa, F64)
+    for what, a, b, c in zip(["out", "dq", "dk", "dv"], ours, low, exact):
+        assert_flash_rule(a, b, c, f"{what} D{head_dim} {dtype} causal={causal} gqa={gqa} varlen={varlen}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 1025), (7, 97), (97, 7), (1025, 1025), (1025, 97)])
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "float"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_sdpa_odd_lengths(L, S, mask, head_dim):
+    dev, dtype = "cuda", torch.bfloat16
+    kw = {}
+    if mask == "causal":
+        kw = dict(is_causal=True)
+    elif mask == "bool":
+        kw = dict(attn_mask=torch.rand(2, 1, L, S, device=dev) > 0.3)
+    elif mask == "float":
+        kw = dict(attn_mask=torch.randn(L, S, device=dev, dtype=dtype))
+    q = rand(2, 4, L, head_dim, dtype=dtype, device=dev)
+    k, v = rand(2, 4, S, head_dim, dtype=dtype, device=dev), rand(2, 4, S, head_dim, dtype=dtype, device=dev)
+    assert ops.SDPA.select(q, k, v, kw.get("attn_mask"), 0.0, kw.get("is_causal", False), None, False) == "triton"
+    ours, low, exact = run_sdpa_both(q, k, v, rand(2, 4, L, head_dim, dtype=dtype, device=dev), **kw)
+    for what, a, b, c in zip(["out", "dq", "dk", "dv"], ours, low, exact):
+        assert_flash_rule(a, b, c, f"{what} L{L} S{S} {mask} D{head_dim}")
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_is_linear_in_seq_len():
+    """At S = 16384 an L x S score matrix would be 1 GiB per head in fp32; ours must stay O(S)."""
+    dev, dtype, S, H, D = "cuda", torch.bfloat16, 16384, 4, 64
+    q, k, v = (rand(1, S, H, D, dtype=dtype, device=dev, grad=True) for _ in range(3))
+    flash_attention(q, k, v, causal=True).sum().backward()  # compile / autotune outside the measurement
+    q.grad = k.grad = v.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = flash_attention(q, k, v, causal=True)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    tensor_bytes = q.numel() * q.element_size()
+    assert extra < 16 * tensor_bytes, f"peak extra memory {extra / 2**20:.1f} MiB is not O(S)"

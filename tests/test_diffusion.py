@@ -1,0 +1,416 @@
+"""Fused diffusion steps against diffusers' own schedulers (CPU: reference and Triton-interpreter backends).
+
+Every scheduler x prediction type x clip/threshold option is checked step by step against
+diffusers given the same noise; per-sample timesteps against diffusers stepping each sample alone;
+fused guidance against guidance done by hand; full 10-step loops; in-kernel noise statistics and
+reproducibility; the wrapper's API; bad inputs. GPU cases are in tests/test_diffusion_cuda.py.
+"""
+import warnings
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from seqgen_fast import _ext  # noqa: E402
+from seqgen_fast._backend import use_backend  # noqa: E402
+from seqgen_fast.diffusion import fast_scheduler, sample  # noqa: E402
+from seqgen_fast.ops import diffusion as ops  # noqa: E402
+from tests.utils import assert_close_rel  # noqa: E402
+
+warnings.filterwarnings("ignore", message="The `scale_model_input` function should be called")
+
+TOL32 = 2e-6  # float32 coefficients computed in float64 vs diffusers' float32 arithmetic
+SHAPE = (3, 4, 6, 5)
+
+
+def pair(cls, steps=20, **config):
+    theirs = getattr(diffusers, cls)(**config)
+    ours = fast_scheduler(getattr(diffusers, cls)(**config), backend="reference")
+    theirs.set_timesteps(steps)
+    ours.set_timesteps(steps)
+    return theirs, ours
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def check_outputs(got, want, what):
+    assert type(got) is type(want), f"{what}: output class {type(got).__name__} != {type(want).__name__}"
+    assert_close_rel(got.prev_sample, want.prev_sample, TOL32, f"{what} prev_sample")
+    if getattr(want, "pred_original_sample", None) is not None:
+        assert_close_rel(got.pred_original_sample, want.pred_original_sample, TOL32, f"{what} pred_original_sample")
+
+
+X0_OPTIONS = {"plain": dict(clip_sample=False), "clip": dict(clip_sample=True, clip_sample_range=1.5),
+              "threshold": dict(thresholding=True, sample_max_value=2.5, dynamic_thresholding_ratio=0.9)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Single steps against diffusers, every option
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("x0opt", list(X0_OPTIONS))
+def test_ddpm_step(pred, x0opt):
+    theirs, ours = pair("DDPMScheduler", prediction_type=pred, **X0_OPTIONS[x0opt])
+    x, mo = 2 * torch.randn(SHAPE), 2 * torch.randn(SHAPE)
+    for t in (theirs.timesteps[0], theirs.timesteps[7], theirs.timesteps[-1]):
+        check_outputs(ours.step(mo, t, x, generator=gen(3)), theirs.step(mo, t, x, generator=gen(3)), f"t={int(t)}")
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small_log", "fixed_large"])
+def test_ddpm_variance_types(variance_type):
+    theirs, ours = pair("DDPMScheduler", variance_type=variance_type)
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    t = theirs.timesteps[5]
+    check_outputs(ours.step(mo, t, x, generator=gen(1)), theirs.step(mo, t, x, generator=gen(1)), variance_type)
+
+
+def test_ddpm_without_set_timesteps():
+    theirs, ours = diffusers.DDPMScheduler(), fast_scheduler(diffusers.DDPMScheduler(), backend="reference")
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    check_outputs(ours.step(mo, 517, x, generator=gen(0)), theirs.step(mo, 517, x, generator=gen(0)), "t=517")
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("x0opt", list(X0_OPTIONS))
+@pytest.mark.parametrize("eta,clipped", [(0.0, False), (0.7, False), (0.7, True)])
+def test_ddim_step(pred, x0opt, eta, clipped):
+    theirs, ours = pair("DDIMScheduler", prediction_type=pred, **X0_OPTIONS[x0opt])
+    x, mo = 2 * torch.randn(SHAPE), 2 * torch.randn(SHAPE)
+    noise = torch.randn(SHAPE)
+    for t in (theirs.timesteps[0], theirs.timesteps[11], theirs.timesteps[-1]):
+        kw = dict(eta=eta, use_clipped_model_output=clipped, variance_noise=noise if eta else None)
+        check_outputs(ours.step(mo, t, x, **kw), theirs.step(mo, t, x, **kw), f"t={int(t)}")
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("churn", [{}, dict(s_churn=0.8, s_tmin=0.5, s_tmax=10.0, s_noise=1.1)])
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_euler_step(pred, churn, spacing):
+    theirs, ours = pair("EulerDiscreteScheduler", prediction_type=pred, timestep_spacing=spacing)
+    x, mo = 5 * torch.randn(SHAPE), torch.randn(SHAPE)
+    for i, t in enumerate(theirs.timesteps):
+        want = theirs.step(mo, t, x, generator=gen(i), **churn)
+        got = ours.step(mo, t, x, generator=gen(i), **churn)
+        check_outputs(got, want, f"step {i}")
+        assert ours.step_index == theirs.step_index
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_euler_ancestral_step(pred):
+    theirs, ours = pair("EulerAncestralDiscreteScheduler", prediction_type=pred, steps=8)
+    x, mo = 5 * torch.randn(SHAPE), torch.randn(SHAPE)
+    for i, t in enumerate(theirs.timesteps):
+        check_outputs(ours.step(mo, t, x, generator=gen(i)), theirs.step(mo, t, x, generator=gen(i)), f"step {i}")
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("algo,solver", [("dpmsolver++", "midpoint"), ("dpmsolver++", "heun"),
+                                         ("sde-dpmsolver++", "midpoint"), ("sde-dpmsolver++", "heun")])
+@pytest.mark.parametrize("extra", [{}, dict(thresholding=True, sample_max_value=2.0),
+                                   dict(final_sigmas_type="sigma_min", lower_order_final=False)])
+def test_dpmsolver_sequence(pred, algo, solver, extra):
+    theirs, ours = pair("DPMSolverMultistepScheduler", steps=6, prediction_type=pred, algorithm_type=algo,
+                        solver_type=solver, **extra)
+    x = 3 * torch.randn(SHAPE)
+    for i, t in enumerate(theirs.timesteps):
+        mo, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+        kw = dict(variance_noise=noise) if algo.startswith("sde") else {}
+        want = theirs.step(mo, t, x, **kw)
+        got = ours.step(mo, t, x, **kw)
+        check_outputs(got, want, f"step {i}")
+        x = want.prev_sample
+
+
+def test_dpmsolver_order_one():
+    theirs, ours = pair("DPMSolverMultistepScheduler", steps=5, solver_order=1)
+    x = torch.randn(SHAPE)
+    for t in theirs.timesteps:
+        mo = torch.randn(SHAPE)
+        want = theirs.step(mo, t, x)
+        check_outputs(ours.step(mo, t, x), want, "order 1")
+        x = want.prev_sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample timesteps, fused guidance
+# ---------------------------------------------------------------------------------------------
+PER_SAMPLE = [("DDIMScheduler", dict(clip_sample=False)), ("EulerDiscreteScheduler", {}),
+              ("DPMSolverMultistepScheduler", {})]
+
+
+@pytest.mark.parametrize("cls,config", PER_SAMPLE)
+def test_per_sample_timesteps(cls, config):
+    """Deterministic kinds: sample b equals diffusers stepping it alone at its own timestep."""
+    _, ours = pair(cls, **config)
+    idx = [2, 9, 17]
+    ts = ours.timesteps[idx]
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    got = ours.step(mo, ts, x).prev_sample
+    for b, i in enumerate(idx):
+        theirs, _ = pair(cls, **config)
+        if hasattr(theirs, "set_begin_index"):
+            theirs.set_begin_index(i)
+        want = theirs.step(mo[b:b + 1], theirs.timesteps[i], x[b:b + 1]).prev_sample
+        assert_close_rel(got[b:b + 1], want, TOL32, f"sample {b} at index {i}")
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_per_sample_timesteps_noisy(cls):
+    """Stochastic kinds: each sample equals diffusers' step at its own timestep with the same noise rows."""
+    _, ours = pair(cls)
+    idx = [1, 6, 12]
+    ts = ours.timesteps[idx]
+    x, mo, noise = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
+    got = ours.step(mo, ts, x, variance_noise=noise).prev_sample
+    for b, i in enumerate(idx):
+        theirs, _ = pair(cls)
+        if hasattr(theirs, "set_begin_index"):
+            theirs.set_begin_index(i)
+        g = gen(100 + b)
+        want = theirs.step(mo[b:b + 1], theirs.timesteps[i], x[b:b + 1], generator=g).prev_sample
+        drawn = torch.randn(x[b:b + 1].shape, generator=gen(100 + b))
+        _, single = pair(cls)
+        ref = single.step(mo[b:b + 1], ts[b:b + 1], x[b:b + 1], variance_noise=drawn).prev_sample
+        assert_close_rel(ref, want, TOL32, f"{cls} sample {b}: per-sample path with diffusers' noise")
+        mine = single.step(mo[b:b + 1], ts[b:b + 1], x[b:b + 1], variance_noise=noise[b:b + 1]).prev_sample
+        assert_close_rel(got[b:b + 1], mine, TOL32, f"{cls} sample {b}: batched vs alone")
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("per_sample_scale", [False, True])
+def test_fused_guidance(cls, per_sample_scale):
+    theirs, ours = pair(cls)
+    x = torch.randn(SHAPE)
+    mo = torch.randn(2 * SHAPE[0], *SHAPE[1:])
+    g = torch.tensor([1.0, 4.5, 7.5]) if per_sample_scale else 7.5
+    u, c = mo.chunk(2)
+    gb = g.reshape(-1, 1, 1, 1) if per_sample_scale else g
+    for t in theirs.timesteps[:3]:
+        want = theirs.step(u + gb * (c - u), t, x)
+        got = ours.step(mo, t, x, guidance_scale=g)
+        check_outputs(got, want, f"t={float(t)}")
+
+
+def test_guidance_rescale():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    theirs, ours = pair("DDIMScheduler")
+    x = torch.randn(SHAPE)
+    mo = torch.randn(2 * SHAPE[0], *SHAPE[1:])
+    u, c = mo.chunk(2)
+    t = theirs.timesteps[3]
+    m = rescale_noise_cfg(u + 6.0 * (c - u), c, guidance_rescale=0.7)
+    check_outputs(ours.step(mo, t, x, guidance_scale=6.0, guidance_rescale=0.7), theirs.step(m, t, x), "rescale")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole loops, API parity
+# ---------------------------------------------------------------------------------------------
+LOOP = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler"]
+
+
+@pytest.mark.parametrize("cls", LOOP)
+@pytest.mark.parametrize("guidance", [None, 3.0])
+def test_ten_step_loop(cls, guidance):
+    lat = torch.randn(2, 4, 8, 8)
+    w = 0.1 * torch.randn(4, 4)
+
+    def model(x, t):
+        return torch.einsum("bchw,cd->bdhw", x, w) + 0.01 * t.float() * torch.arange(x.shape[0]).reshape(-1, 1, 1, 1)
+
+    got = sample(model, fast_scheduler(getattr(diffusers, cls)(), backend="reference"), lat,
+                 guidance_scale=guidance, num_inference_steps=10, generator=gen(1))
+    s = getattr(diffusers, cls)()
+    s.set_timesteps(10)
+    g = gen(1)
+    x = lat * s.init_noise_sigma
+    for t in s.timesteps:
+        inp = torch.cat([x, x]) if guidance is not None else x
+        out = model(s.scale_model_input(inp, t), t)
+        if guidance is not None:
+            u, c = out.chunk(2)
+            out = u + guidance * (c - u)
+        x = s.step(out, t, x, **({} if cls == "DDIMScheduler" else {"generator": g})).prev_sample
+    assert_close_rel(got, x, 1e-5, f"{cls} 10-step loop")
+
+
+@pytest.mark.parametrize("cls", LOOP)
+def test_api_parity(cls):
+    theirs = getattr(diffusers, cls)()
+    ours = fast_scheduler(getattr(diffusers, cls)(), backend="reference")
+    assert ours.config == theirs.config and len(ours) == len(theirs)
+    theirs.set_timesteps(12)
+    ours.set_timesteps(12)
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    assert float(ours.init_noise_sigma) == float(theirs.init_noise_sigma)
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    t = theirs.timesteps[0]
+    assert torch.equal(ours.scale_model_input(x, t), theirs.scale_model_input(x, t))
+    noise, ts = torch.randn(SHAPE), theirs.timesteps[[0, 3, 5]]
+    assert torch.equal(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts))
+    out = ours.step(mo, t, x, return_dict=False)
+    want = theirs.step(mo, t, x, return_dict=False, **({} if cls == "DDIMScheduler" else {"generator": gen(0)}))
+    assert isinstance(out, tuple) and len(out) == len(want)
+    assert getattr(ours, "step_index", None) == getattr(theirs, "step_index", None)
+
+
+def test_pred_original_sample_off():
+    ours = fast_scheduler(diffusers.DDIMScheduler(), pred_original_sample=False, backend="reference")
+    ours.set_timesteps(10)
+    out = ours.step(torch.randn(SHAPE), ours.timesteps[0], torch.randn(SHAPE))
+    assert out.pred_original_sample is None and out.prev_sample.shape == SHAPE
+
+
+# ---------------------------------------------------------------------------------------------
+# In-kernel noise; Triton under the interpreter
+# ---------------------------------------------------------------------------------------------
+def _noise_of(backend, seed, offset, shape=(2, 4, 32, 32)):
+    """The in-op noise of one DDPM step, recovered as (out - out_without_noise) / sigma."""
+    ours = fast_scheduler(diffusers.DDPMScheduler(clip_sample=False), seed=seed, backend=backend)
+    ours.offset = offset
+    x, mo = torch.randn(shape), torch.randn(shape)
+    t = 500
+    noisy = ours.step(mo, t, x).prev_sample
+    clean = ours.step(mo, t, x, variance_noise=torch.zeros(shape)).prev_sample
+    sigma = float(torch.as_tensor(ours._table(x.device, {}).rows[t, 6]))
+    return (noisy - clean) / sigma
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_in_kernel_noise(backend):
+    n = _noise_of(backend, seed=7, offset=3)
+    assert abs(n.mean().item()) < 0.05 and abs(n.var().item() - 1.0) < 0.08, (n.mean().item(), n.var().item())
+    assert abs(n[0].mean().item() - n[1].mean().item()) < 0.1  # samples get distinct streams, not copies
+    assert not torch.allclose(n[0], n[1])
+    torch.testing.assert_close(_noise_of(backend, seed=7, offset=3), n, rtol=0, atol=1e-5)
+    assert not torch.allclose(_noise_of(backend, seed=7, offset=4), n)
+    assert not torch.allclose(_noise_of(backend, seed=8, offset=3), n)
+
+
+TRITON_CASES = [
+    ("DDIMScheduler", dict(clip_sample=True), dict(guidance_scale=torch.tensor([2.0, 5.0, 0.5])), "per_sample"),
+    ("DDPMScheduler", dict(thresholding=True, sample_max_value=2.0),
+     dict(guidance_scale=3.0, guidance_rescale=0.5), "device_scalar"),
+    ("EulerDiscreteScheduler", {}, dict(s_churn=1.0), "index"),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), {}, "per_sample"),
+]
+
+
+@pytest.mark.parametrize("cls,config,kw,mode", TRITON_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_matches_reference(cls, config, kw, mode, dtype):
+    shape = (3, 3, 7, 5)  # 105 elements per sample: a partial block
+    res = {}
+    x = torch.randn(shape).to(dtype)
+    cfg = "guidance_scale" in kw
+    mos = [torch.randn((6 if cfg else 3), *shape[1:]).to(dtype) for _ in range(2)]
+    noise = torch.randn(shape)
+    for backend in ("reference", "triton"):
+        s = getattr(diffusers, cls)(**config)
+        ours = fast_scheduler(s, backend=backend)
+        ours.set_timesteps(10)
+        outs = []
+        for step in range(2):  # two steps: the DPM history is read on the second
+            if mode == "per_sample":
+                t = ours.timesteps[[step, step + 3, step + 5]]
+            elif mode == "device_scalar":
+                t = ours.timesteps[step]
+            else:
+                t = ours.timesteps[step]
+            o = ours.step(mos[step], t, x, variance_noise=noise if cls != "EulerDiscreteScheduler" else None,
+                          generator=gen(4) if cls == "EulerDiscreteScheduler" else None, **kw)
+            outs.append(o.prev_sample)
+        res[backend] = outs
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for step in range(2):
+        assert_close_rel(res["triton"][step], res["reference"][step], tol, f"step {step}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_device_timestep_outside_table_gives_nan(backend):
+    ours = fast_scheduler(diffusers.DDIMScheduler(), backend=backend)
+    ours.set_timesteps(10)
+    x, mo = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    # a CPU tensor is checked on the host; the in-kernel path is what a device tensor takes
+    coef = ours._table(x.device, dict(eta=0.0, use_clipped_model_output=False)).coef
+    out, _ = ops.diffusion_step(x, mo, coef, -1, torch.tensor([1000.0, 5.5]), None, backend=backend)
+    assert torch.isnan(out).all()
+    out, _ = ops.diffusion_step(x, mo, coef, -1, torch.tensor([999, 0]), None, backend=backend)
+    assert not torch.isnan(out).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# The op, the CUDA extension, bad inputs
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    ours = fast_scheduler(diffusers.DPMSolverMultistepScheduler())
+    ours.set_timesteps(10)
+    x, mo = torch.randn(2, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    coef = ours._table(x.device, {}).coef
+    hist = torch.zeros_like(x)
+    args = (x, mo, coef, 2, None, None, True, 3.0, None, None, 0, 1.0, None, hist, True, None, 2, 5, 1, True, backend)
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.seqgen_fast.diffusion_step.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cuda_extension_exposes_step():
+    if _ext.C is None:
+        pytest.skip(_ext.reason)
+    assert "diffusion" in _ext.C.families and hasattr(_ext.C, "diffusion_step")
+
+
+def test_cuda_backend_declines_cpu_and_dpm():
+    x = torch.randn(2, 3)
+    args = (x, x, torch.zeros(4, 8), 0, None, None, False, 0.0, None, None, 0, 1.0, None, torch.zeros_like(x), True,
+            None, 0, 0, 0, False)
+    why = ops.STEP.reasons("cuda", *args)
+    assert why and any("CUDA" in w or "_C" in w or "history" in w for w in why)
+
+
+def test_bad_inputs():
+    ours = fast_scheduler(diffusers.DDPMScheduler(), backend="reference")
+    ours.set_timesteps(10)
+    x = torch.randn(SHAPE)
+    t = ours.timesteps[0]
+    with pytest.raises(ValueError, match="model_output"):
+        ours.step(torch.randn(2, 4, 6, 5), t, x)
+    with pytest.raises(TypeError, match="dtype"):
+        ours.step(torch.randn(SHAPE, dtype=torch.float64), t, x)
+    with pytest.raises(ValueError, match="2B"):
+        ours.step(torch.randn(SHAPE), t, x, guidance_scale=5.0)
+    with pytest.raises(ValueError, match="timestep"):
+        ours.step(torch.randn(SHAPE), 3, x)  # not in the 10-step schedule
+    with pytest.raises(ValueError, match="timestep"):
+        ours.step(torch.randn(SHAPE), 1000, x)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        ours.step(torch.randn(6, 4, 6, 5), t, x, guidance_scale=torch.ones(4))
+    eul = fast_scheduler(diffusers.EulerDiscreteScheduler(), backend="reference")
+    eul.set_timesteps(10)
+    with pytest.raises(ValueError, match="timestep"):
+        eul.step(torch.randn(SHAPE), torch.tensor([1.0, 2.0, 3.0]), x)
+    ddim = fast_scheduler(diffusers.DDIMScheduler(), backend="reference")
+    with pytest.raises(ValueError, match="set_timesteps"):
+        ddim.step(torch.randn(SHAPE), 10, x)
+
+
+@pytest.mark.parametrize("cls,config,option", [
+    ("DDPMScheduler", dict(variance_type="learned"), "variance_type"),
+    ("DDPMScheduler", dict(variance_type="fixed_large_log"), "variance_type"),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver"), "algorithm_type"),
+    ("DPMSolverMultistepScheduler", dict(solver_order=3), "solver_order"),
+    ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type"),
+])
+def test_unsupported_config_names_option(cls, config, option):
+    with pytest.raises(NotImplementedError, match=f"option {option}"):
+        fast_scheduler(getattr(diffusers, cls)(**config))
+
+
+def test_unsupported_scheduler_class():
+    with pytest.raises(TypeError, match="PNDMScheduler"):
+        fast_scheduler(diffusers.PNDMScheduler())
