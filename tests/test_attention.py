@@ -338,7 +338,8 @@ def test_kernel_block_shapes_causal_skipping(blocks, causal, device):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_opcheck(backend, device):
-    dtype = torch.float16
+    # the reference computes in float32 and rounds; float64 keeps eager and AOT gradients bit-close
+    dtype = torch.float16 if backend == "triton" else F64
     q = rand(1, 2, 7, 32, dtype=dtype, device=device, grad=True)
     k = rand(1, 2, 33, 32, dtype=dtype, device=device, grad=True)
     v = rand(1, 2, 33, 32, dtype=dtype, device=device, grad=True)

@@ -402,7 +402,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("cls,config,option", [
     ("DDPMScheduler", dict(variance_type="learned"), "variance_type"),
     ("DDPMScheduler", dict(variance_type="fixed_large_log"), "variance_type"),
-    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver"), "algorithm_type"),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type"),
     ("DPMSolverMultistepScheduler", dict(solver_order=3), "solver_order"),
     ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type"),
 ])
@@ -414,3 +414,20 @@ def test_unsupported_config_names_option(cls, config, option):
 def test_unsupported_scheduler_class():
     with pytest.raises(TypeError, match="PNDMScheduler"):
         fast_scheduler(diffusers.PNDMScheduler())
+
+
+def test_cuda_binding_accepts_the_launcher_arguments():
+    """The Python launcher's keywords match the pybind11 signature (a zero batch returns before any CUDA call)."""
+    if _ext.C is None:
+        pytest.skip(_ext.reason)
+    x = torch.randn(0, 4)
+    kw = ops._cuda_args(x, x, torch.zeros(3, 8), -1, torch.zeros(0, dtype=torch.int64), None, None, None, x, 1, True,
+                        7.5, 2, 1.0, 2**62 + 5, 2**32 + 1, x, None, 0, 0)
+    assert _ext.C.diffusion_step(**kw) is None
+
+
+def test_euler_rejects_integer_index():
+    ours = fast_scheduler(diffusers.EulerDiscreteScheduler(), backend="reference")
+    ours.set_timesteps(5)
+    with pytest.raises(ValueError, match="timestep"):
+        ours.step(torch.randn(SHAPE), 3, torch.randn(SHAPE))

@@ -5,6 +5,7 @@ the gradients of input, h0, c0 and every weight), the Triton kernels under the i
 float32 on a few small odd shapes. GPU (``-m gpu``): every kernel backend x dtype, backward
 included, and a CUDA-graph captured LSTMCell generation loop.
 """
+import contextlib
 import itertools
 
 import pytest
@@ -34,16 +35,17 @@ def _states(m, B, dtype, device="cpu"):
 
 
 def _run(module, x, hx, grad_out, backend=None):
-    """Outputs, final states, and gradients of (x leaves, h0, c0, every parameter) for a loss
-    touching output, h_n and c_n."""
-    with (use_backend(backend) if backend else torch.enable_grad()):
+    """[(name, tensor)]: output, final states, and the gradients of the input (when a leaf), h0,
+    c0 and every parameter, for a loss touching output, h_n and c_n."""
+    with use_backend(backend) if backend else contextlib.nullcontext():
         out, (h_n, c_n) = module(x, hx)
         data = out.data if hasattr(out, "batch_sizes") else out
         loss = (data * grad_out).sum() + (h_n * h_n.detach().cos()).sum() + (c_n * 0.5).sum()
-        leaves = [t for t in ([x] if torch.is_tensor(x) else []) if t.requires_grad]
-        leaves += [t for t in (hx or ()) if t.requires_grad] + list(module.parameters())
-        grads = torch.autograd.grad(loss, leaves, retain_graph=True)
-    return [data, h_n, c_n, *grads]
+        leaves = [("input", x)] if torch.is_tensor(x) and x.requires_grad else []
+        leaves += [(f"hx[{k}]", t) for k, t in enumerate(hx or ()) if t.requires_grad]
+        leaves += list(module.named_parameters())
+        grads = torch.autograd.grad(loss, [t for _, t in leaves], retain_graph=True)
+    return [("output", data), ("h_n", h_n), ("c_n", c_n)] + [(f"grad {n}", g) for (n, _), g in zip(leaves, grads)]
 
 
 def _compare_modules(ref_m, ours_m, x, hx, tol, backend=None, x_ours=None, hx_ours=None):
@@ -55,11 +57,9 @@ def _compare_modules(ref_m, ours_m, x, hx, tol, backend=None, x_ours=None, hx_ou
     ref = _run(ref_m, x, hx, g)
     x_o = x if x_ours is None else x_ours
     hx_o = hx if hx_ours is None else hx_ours
-    g_o = g.to(next(ours_m.parameters()))
-    ours = _run(ours_m, x_o, hx_o, g_o, backend)
-    names = ["output", "h_n", "c_n"] + [f"grad[{k}]" for k in range(len(ref) - 3)]
-    assert len(ours) == len(ref)
-    for name, a, b in zip(names, ours, ref):
+    ours = _run(ours_m, x_o, hx_o, g.to(next(ours_m.parameters())), backend)
+    assert [n for n, _ in ours] == [n for n, _ in ref]
+    for (name, a), (_, b) in zip(ours, ref):
         assert_close_rel(a.cpu(), b.cpu(), tol, name)
 
 
@@ -186,10 +186,12 @@ def test_lstm_triton_packed_unsorted():
     _compare_modules(ref_m, ours, packed, _states(ref_m, 3, torch.float32), TOL[torch.float32], "triton")
 
 
-def test_lstm_cell_triton_interpreter():
-    ref_c = torch.nn.LSTMCell(I, 33)
+# B=9: above the fused step kernel's batch limit (addmm + cell kernel); input 300: several K tiles.
+@pytest.mark.parametrize("B,inp,hidden,bias", [(3, I, 33, True), (1, I, 33, False), (9, I, 33, True), (5, 300, 17, True)])
+def test_lstm_cell_triton_interpreter(B, inp, hidden, bias):
+    ref_c = torch.nn.LSTMCell(inp, hidden, bias=bias)
     ours = LSTMCell.from_torch(ref_c)
-    x, hx = torch.randn(3, I, requires_grad=True), (torch.randn(3, 33), torch.randn(3, 33))
+    x, hx = torch.randn(B, inp, requires_grad=True), (torch.randn(B, hidden), torch.randn(B, hidden))
     with use_backend("triton"), torch.no_grad():
         h1, c1 = ours(x, hx)
     r1, rc1 = ref_c(x, hx)
@@ -197,9 +199,9 @@ def test_lstm_cell_triton_interpreter():
     assert_close_rel(c1, rc1, TOL[torch.float32], "c1 (inference step)")
     with use_backend("triton"):
         h1, c1 = ours(x, hx)
-        grads = torch.autograd.grad((h1 * 2 + c1).sum(), [x, ours.weight_ih, ours.weight_hh, ours.bias_hh])
-    ref_grads = torch.autograd.grad((r1 * 2 + rc1).sum(), [x, ref_c.weight_ih, ref_c.weight_hh, ref_c.bias_hh])
-    for name, a, b in zip(("x", "weight_ih", "weight_hh", "bias_hh"), grads, ref_grads):
+        grads = torch.autograd.grad((h1 * 2 + c1).sum(), [x, *ours.parameters()])
+    ref_grads = torch.autograd.grad((r1 * 2 + rc1).sum(), [x, *ref_c.parameters()])
+    for name, a, b in zip(("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), grads, ref_grads):
         assert_close_rel(a, b, TOL[torch.float32], f"grad {name}")
 
 
@@ -357,6 +359,8 @@ def test_bad_input_errors():
         m(x, (torch.zeros(2, 3, H), torch.zeros(2, 3, H, dtype=torch.float64)))
     with pytest.raises(ValueError, match=r"hx\[0\] is on meta"):
         m(x, (torch.zeros(2, 3, H, device="meta"), torch.zeros(2, 3, H)))
+    with pytest.raises(ValueError, match="input is on meta but the module's parameters"):
+        m(x.to("meta"))
     with pytest.raises(ValueError, match="Expected input to be 2D or 3D"):
         m(torch.randn(1, 4, 3, I))
     with pytest.raises(RuntimeError, match=r"hx\[1\] must have shape \(2, 3, 7\)"):
@@ -401,6 +405,46 @@ def test_gpu_lstm(backend, dtype, kw, T, B, hidden):
     x_o = x.detach().to("cuda", dtype).requires_grad_()
     hx_o = tuple(s.detach().to("cuda", dtype).requires_grad_() for s in hx)
     _compare_modules(ref_m, ours, x, hx, SEQ_TOL[dtype], backend, x_o, hx_o)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 7])
+def test_gpu_lstm_inference(backend, dtype, B):
+    """torch.no_grad: the path that saves nothing (train=False in the kernels)."""
+    _gpu_backend_ready(backend)
+    ref_m = torch.nn.LSTM(24, 128, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours = LSTM(24, 128, num_layers=2, bidirectional=True, device="cuda", dtype=dtype)
+    ours.load_state_dict(ref_m.state_dict())
+    x = torch.randn(21, B, 24, dtype=torch.float64)
+    hx = tuple(s.detach() for s in _states(ref_m, B, torch.float64))
+    with torch.no_grad(), use_backend(backend):
+        out, (h_n, c_n) = ours(x.to("cuda", dtype), tuple(s.to("cuda", dtype) for s in hx))
+        ref_out, (ref_h, ref_c) = ref_m(x, hx)
+    for name, a, b in (("output", out, ref_out), ("h_n", h_n, ref_h), ("c_n", c_n, ref_c)):
+        assert_close_rel(a.cpu(), b, SEQ_TOL[dtype], name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_lstm_cell_training(backend, dtype):
+    """LSTMCell with autograd (a one-step lstm_sequence): h1, c1 and every gradient."""
+    _gpu_backend_ready(backend)
+    ref_c = torch.nn.LSTMCell(40, 128, dtype=torch.float64)
+    ours = LSTMCell(40, 128, device="cuda", dtype=dtype)
+    ours.load_state_dict(ref_c.state_dict())
+    x, h, c = (torch.randn(6, n, dtype=torch.float64, requires_grad=True) for n in (40, 128, 128))
+    mine = [t.detach().to("cuda", dtype).requires_grad_() for t in (x, h, c)]
+    r = ref_c(x, (h, c))
+    with use_backend(backend):
+        o = ours(mine[0], (mine[1], mine[2]))
+        go = torch.autograd.grad((o[0] * 2 + o[1]).sum(), [*mine, *ours.parameters()])
+    gr = torch.autograd.grad((r[0] * 2 + r[1]).sum(), [x, h, c, *ref_c.parameters()])
+    names = ["h1", "c1", "grad x", "grad h", "grad c", "grad weight_ih", "grad weight_hh", "grad bias_ih", "grad bias_hh"]
+    for name, a, b in zip(names, (*o, *go), (*r, *gr)):
+        assert_close_rel(a.cpu(), b, SEQ_TOL[dtype], name)
 
 
 @pytest.mark.gpu

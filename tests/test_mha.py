@@ -69,6 +69,25 @@ def test_forward_matches_torch(config, mask):
     assert_close_rel(got, expected, 1e-5)
 
 
+def test_gradients_match_torch():
+    cfg = dict(embed_dim=16, num_heads=4, add_bias_kv=True, batch_first=True)
+    torch_mha, _ = pair(**cfg)
+    ours = MultiheadAttention(**cfg)
+    ours.load_state_dict(torch_mha.state_dict())
+    q, k, v = inputs(ours)
+    kpm = torch.rand(3, 7) < 0.3
+    kpm[:, 0] = False
+    grads = []
+    for m in (torch_mha, ours):
+        x = q.clone().requires_grad_()
+        out, _ = m(x, k, v, key_padding_mask=kpm, need_weights=False)
+        out.square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+    names = ["query"] + [n for n, _ in ours.named_parameters()]
+    for name, g_t, g_o in zip(names, *grads):
+        assert_close_rel(g_o, g_t, 1e-5, f"grad of {name}")
+
+
 def test_unbatched_input():
     torch_mha, ours = pair(embed_dim=8, num_heads=2)
     q, k = torch.randn(4, 8), torch.randn(6, 8)
@@ -134,11 +153,19 @@ def test_bad_masks():
 
 
 def test_triton_backend_under_interpreter():
-    torch_mha, ours = pair(embed_dim=32, num_heads=2, batch_first=True)
+    """float16 (the Triton attention kernels take 16-bit inputs) against torch in float32."""
+    torch_mha, _ = pair(embed_dim=32, num_heads=2, batch_first=True)
+    ours = MultiheadAttention(embed_dim=32, num_heads=2, batch_first=True)
+    ours.load_state_dict(torch_mha.state_dict())
+    ours.half()
     q, k, v = inputs(ours, batch=2, tgt=7, src=9)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[0, 5:] = True
     with use_backend("triton"):
-        got, _ = ours(q, k, v, need_weights=False)
-    assert_close_rel(got, torch_mha(q, k, v, need_weights=False)[0], TOL[torch.float32])
+        got, _ = ours(q.half(), k.half(), v.half(), key_padding_mask=kpm, need_weights=False)
+    expected, _ = torch_mha(q, k, v, key_padding_mask=kpm, need_weights=False)
+    assert got.dtype == torch.float16
+    assert_close_rel(got, expected, TOL[torch.float16])
 
 
 @pytest.mark.gpu

@@ -67,16 +67,25 @@ def test_prefill_logits_match_sdpa(build, spy):
     assert_close_rel(ours_padded[0], ref_padded[0], 1e-5, "logits, unpadded row")
 
 
+@pytest.mark.parametrize("mode", ["dynamic_cache", "static_cache", "left_padded"])
 @pytest.mark.parametrize("build", [llama, gpt2])
-def test_greedy_generation_matches_sdpa(build, spy):
+def test_greedy_generation_matches_sdpa(build, mode, spy):
     model = model_pair(build)
-    ids = torch.randint(0, VOCAB, (2, 6))
-    kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    if mode == "static_cache":
+        kw["cache_implementation"] = "static"
+    if mode == "left_padded":
+        ids[1, :2] = 0
+        kw["attention_mask"] = (ids != 0).long()
     with torch.no_grad():
-        ref = model.generate(ids, output_scores=True, return_dict_in_generate=True, **kw)
+        ref = model.generate(ids, **kw)
         model.set_attn_implementation("seqgen_fast")
-        ours = model.generate(ids, output_scores=True, return_dict_in_generate=True, **kw)
-    assert spy["decode_attention"] > 0, "cached steps without a mask should use the decode kernel"
+        ours = model.generate(ids, **kw)
+    if mode == "dynamic_cache":
+        assert spy["decode_attention"] > 0, "cached steps without a mask should use the decode kernel"
+    assert spy["scaled_dot_product_attention"] > 0
     assert torch.equal(ours.sequences, ref.sequences)
     assert_close_rel(torch.stack(ours.scores), torch.stack(ref.scores), 1e-5, "step logits")
 

@@ -21,6 +21,8 @@ Two kernels:
    from ``k_new``/``v_new`` (seeding its softmax state) and stores them at row ``L`` of the cache;
    the other splits read only rows ``< L``, so no program reads a row another one writes.
    With ``num_splits == 1`` the program writes the final output directly and no scratch is used.
+   The split count is a runtime argument (only "one split or several" is compiled in), so a cache
+   that grows between calls does not recompile the kernel as the heuristic's choice moves.
 2. ``_decode_combine_kernel``, grid ``(B * Hq,)``: ``out = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m)``
    with ``m = max_s lse_s``; 0 where every split was empty.
 
@@ -35,9 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Resident programs per SM the split heuristic plans for: one program's K+V tiles take
-# 2 * BLOCK_N * D * 2 bytes per pipeline stage (32 KiB at D=128, bf16), 3 stages -> 96 KiB, so two fit
-# in an H100/A100 SM's shared memory. A prediction, not a measurement.
+# Resident programs per SM the split heuristic plans for. Compiled ahead of time for sm_90 with
+# Triton 3.9, a bf16 D=128 program uses 70 KiB of shared memory (cp.async-pipelined K/V tiles):
+# three fit in an H100 SM, two in an A100's. A plan, not a measurement.
 PROGRAMS_PER_SM = 2
 MAX_SPLITS = 128
 # SM count assumed under the CPU interpreter (only the split count depends on it).
@@ -54,9 +56,9 @@ def _decode_split_kernel(
     stride_vnb, stride_vnh, stride_vnd,
     stride_ob, stride_oh, stride_od,
     stride_len,
-    HKV, S_MAX, qk_scale,
+    HKV, S_MAX, NUM_SPLITS, qk_scale,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, APPEND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, APPEND: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -113,7 +115,7 @@ def _decode_split_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty run has acc = 0: writes 0
-    if NUM_SPLITS == 1:
+    if SINGLE_SPLIT:
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  out.to(O.dtype.element_ty), mask=gd_mask)
     else:
@@ -124,8 +126,8 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    OPART, LSE, O, stride_ob, stride_oh, stride_od, HQ, HEAD_DIM,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    OPART, LSE, O, stride_ob, stride_oh, stride_od, HQ, HEAD_DIM, NUM_SPLITS,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # b * HQ + head
     b = pid // HQ
@@ -207,14 +209,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, kn, vn, cache_seqlens, out, opart, lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *kn_strides, *vn_strides, *out.stride(),
         cache_seqlens.stride(0),
-        hkv, s_max, scale * math.log2(math.e),
+        hkv, s_max, splits, scale * math.log2(math.e),
         HEAD_DIM=head_dim, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=bn, BLOCK_D=block_d,
-        NUM_SPLITS=splits, APPEND=int(append), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SINGLE_SPLIT=splits == 1, APPEND=int(append), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=3 if q.element_size() == 2 else 2,  # fp32: 2 stages keep smem near 100 KiB
     )
     if splits > 1:
         _decode_combine_kernel[(batch * hq,)](
-            opart, lse, out, *out.stride(), hq, head_dim,
-            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
+            opart, lse, out, *out.stride(), hq, head_dim, splits,
+            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
         )
     return out

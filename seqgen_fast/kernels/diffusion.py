@@ -72,7 +72,8 @@ def _quarter(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, base, mbase_u, mbase_c
         tl.store(x0_ptr + base + idx, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# Integer arguments that may equal 1 must not become compile-time constants (offset 1 would lose .to()).
+@triton.jit(do_not_specialize=["B", "rows", "n_sched", "key", "ts_stride", "seed", "offset"])
 def _step_kernel(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, coef_ptr, ts_ptr, sched_ptr, g_ptr, ms_ptr, thr_ptr,
                  N, B, rows, n_sched, key, ts_stride, seed, offset, gscale, clip_range,
                  LOOKUP: tl.constexpr, SCHED_BLOCK: tl.constexpr, CFG: tl.constexpr, PER_SAMPLE_G: tl.constexpr,

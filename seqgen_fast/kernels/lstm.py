@@ -1,7 +1,10 @@
-"""Triton kernels of the LSTM pointwise cell, forward and backward, and their launchers.
+"""Triton kernels of the LSTM cell and their launchers.
 
-The GEMMs (x W_ih^T for all steps, h_{t-1} W_hh^T per step) run in cuBLAS through torch; these
-kernels fuse everything after them, one launch per step. The launchers have the signatures of
+* ``cell_forward`` / ``cell_backward``: the pointwise cell, forward and backward. In sequences the
+  GEMMs (x W_ih^T for all steps, h_{t-1} W_hh^T per step) run in cuBLAS through torch; these
+  kernels fuse everything after them, one launch per step.
+* ``cell_step``: a whole generation step for small batches (both matrix-vector products, biases
+  and the cell update) in one launch. The launchers have the signatures of
 ``seqgen_fast.reference.lstm.cell_forward`` / ``cell_backward`` so the shared recurrence loop in
 ``seqgen_fast.reference.lstm`` runs with them unchanged.
 
@@ -70,6 +73,90 @@ def _cell_bwd_kernel(dm_ptr, s_dm, dc_ptr, s_dc, act_ptr, s_act, cp_ptr, s_cp, c
     tl.store(d + 2 * H, (dct * i * (1.0 - g * g)).to(ty), mask=mask)
     tl.store(d + 3 * H, (dm * tc * o * (1.0 - o)).to(ty), mask=mask)
     tl.store(dc_ptr + row * s_dc + cols, (dct * f).to(dc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_products(acc_i, acc_f, acc_g, acc_o, v_ptr, w_ptr, K, H, rows, rmask, units, umask,
+                   BLOCK_K: tl.constexpr):
+    """acc_q[b, u] += sum_k v[b, k] * W[q*H + u, k] for the four gate blocks q of W [4H, K]."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        v = tl.load(v_ptr + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        v = v.to(tl.float32)[:, None, :]
+        w = w_ptr + units[:, None] * K + ks[None, :]
+        wmask = umask[:, None] & kmask[None, :]
+        acc_i += tl.sum(v * tl.load(w, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
+        acc_f += tl.sum(v * tl.load(w + H * K, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
+        acc_g += tl.sum(v * tl.load(w + 2 * H * K, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
+        acc_o += tl.sum(v * tl.load(w + 3 * H * K, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _cell_step_kernel(x_ptr, h_ptr, c_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, h1_ptr, c1_ptr, B, I, H,
+                      HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    umask = units < H
+    acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+    acc_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+    acc_i, acc_f, acc_g, acc_o = _gate_products(acc_i, acc_f, acc_g, acc_o, x_ptr, wih_ptr, I, H, rows, rmask,
+                                                units, umask, BLOCK_K)
+    acc_i, acc_f, acc_g, acc_o = _gate_products(acc_i, acc_f, acc_g, acc_o, h_ptr, whh_ptr, H, H, rows, rmask,
+                                                units, umask, BLOCK_K)
+    if HAS_BIAS:
+        for q in tl.static_range(4):
+            bias = (tl.load(bih_ptr + q * H + units, mask=umask, other=0.0).to(tl.float32)
+                    + tl.load(bhh_ptr + q * H + units, mask=umask, other=0.0).to(tl.float32))[None, :]
+            if q == 0:
+                acc_i += bias
+            elif q == 1:
+                acc_f += bias
+            elif q == 2:
+                acc_g += bias
+            else:
+                acc_o += bias
+    offs = rows[:, None] * H + units[None, :]
+    mask = rmask[:, None] & umask[None, :]
+    c_prev = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    c = tl.sigmoid(acc_f) * c_prev + tl.sigmoid(acc_i) * _tanh(acc_g)
+    tl.store(c1_ptr + offs, c.to(c1_ptr.dtype.element_ty), mask=mask)
+    tl.store(h1_ptr + offs, (tl.sigmoid(acc_o) * _tanh(c)).to(h1_ptr.dtype.element_ty), mask=mask)
+
+
+# Largest batch of the fused step kernel: it keeps a [B, units, K-tile] product in registers and
+# re-reads its weight tile per K step; larger batches are GEMMs (cuBLAS addmm + cell kernel).
+STEP_MAX_BATCH = 8
+
+
+def cell_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+              b_ih: torch.Tensor | None, b_hh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step in one launch for B <= STEP_MAX_BATCH rows (generation):
+    G = x W_ih^T + b_ih + h W_hh^T + b_hh; c1 = f c + i g; h1 = o tanh(c1) (i, f, o sigmoid, g tanh).
+
+    x [B, I], h/c [B, H], w_ih [4H, I], w_hh [4H, H], biases [4H] or None. Grid: one program per
+    BLOCK_H hidden units with all four gates, all B rows, K in tiles (fp32 accumulation); each
+    weight element is read once. Returns new (h1, c1)."""
+    B, I = x.shape
+    H = h.shape[1]
+    if B > STEP_MAX_BATCH:
+        raise ValueError(f"lstm cell_step kernel: batch {B} > {STEP_MAX_BATCH}; use addmm + cell_forward")
+    x, h, c, w_ih, w_hh = (t.contiguous() for t in (x, h, c, w_ih, w_hh))
+    h1, c1 = torch.empty_like(c), torch.empty_like(c)
+    if B == 0 or H == 0:
+        return h1, c1
+    BLOCK_B = max(2, triton.next_power_of_2(B))
+    BLOCK_H = min(16, max(2, triton.next_power_of_2(triton.cdiv(H, 128))))  # ~128 programs
+    BLOCK_K = min(256, max(16, 4096 // (BLOCK_B * BLOCK_H)))
+    has_bias = b_ih is not None
+    _cell_step_kernel[(triton.cdiv(H, BLOCK_H),)](
+        x, h, c, w_ih, w_hh, b_ih.contiguous() if has_bias else x, b_hh.contiguous() if has_bias else x, h1, c1,
+        B, I, H, HAS_BIAS=has_bias, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
+    return h1, c1
 
 
 def _block(H: int) -> int:

@@ -59,6 +59,9 @@ class LSTM(torch.nn.LSTM):
             is_batched = input.dim() == 3
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
+        if input.device != self.weight_ih_l0.device:
+            raise ValueError(f"LSTM: input is on {input.device} but the module's parameters (weight_ih_l0, ...) are "
+                             f"on {self.weight_ih_l0.device}; move one of them (input.to(device) or module.to(device))")
         if hx is None:
             self.check_input(input, batch_sizes)
         else:

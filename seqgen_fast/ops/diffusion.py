@@ -9,17 +9,21 @@ that some options need, picks a backend (cuda -> triton -> reference) and calls
 * dynamic thresholding: x0 is computed once (PyTorch on the device), its per-sample quantile of
   |x0| taken by a sort -> a (B,) scale s the kernel clamps and divides x0 by.
 
-Neither pass syncs the host. The op is not differentiable (sampling needs no gradient). The row
+Neither pass syncs the host. The op is not differentiable (sampling needs no gradient). Under
+torch.compile the public function calls the op (one opaque graph node); eagerly it calls the chosen
+backend's implementation directly (the same function the op runs), to keep the host cost of a
+step low. The row
 layout and the math are in ``seqgen_fast.reference.diffusion``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 
 from .. import _ext
-from .._backend import device_reasons, dispatcher, forced_backend
+from .._backend import device_reasons, dispatcher, forced_backend, interpret_mode, use_backend
 from .._checks import register_check
 from ..reference import diffusion as ref
 from ._library import custom_op
@@ -36,8 +40,6 @@ def _common_reasons(backend, sample, model_output, coef, key, timesteps, schedul
     why = device_reasons(backend, *tensors)
     if why:
         return why
-    if sample.device.type == "cpu" and forced_backend() != backend:
-        why.append(f"CPU tensors go to reference unless {backend} is forced")
     if sample.dtype not in _KERNEL_DTYPES:
         why.append(f"dtype {sample.dtype} (kernels take float32, float16, bfloat16)")
     for name, t in (("sample", sample), ("model_output", model_output), ("history", history), ("noise", noise)):
@@ -65,6 +67,11 @@ def _step_triton(*args):
 def _cuda_supports(*args) -> list[str]:
     why = _common_reasons("cuda", *args)
     schedule_timesteps, history = args[5], args[13]
+    timesteps, noise = args[4], args[15]
+    if timesteps is not None and timesteps.dtype not in _TS_CODES:
+        why.append(f"timesteps dtype {timesteps.dtype} (the cuda kernel reads {', '.join(map(str, _TS_CODES))})")
+    if noise is not None and noise.dtype not in (torch.float32, args[0].dtype):
+        why.append(f"noise dtype {noise.dtype} (the cuda kernel reads float32 or the sample's dtype)")
     if schedule_timesteps is not None:
         why.append("timesteps searched in a schedule (Euler/DPM per-sample steps) are Triton-only")
     if history is not None:
@@ -72,26 +79,34 @@ def _cuda_supports(*args) -> list[str]:
     return why
 
 
+def _cuda_args(sample, model_output, coef, key, timesteps, guidance, model_scale, threshold, noise, noise_mode, cfg,
+               guidance_scale, x0_mode, clip_range, seed, offset, out, x0, device, stream) -> dict:
+    """Keyword arguments of ``_C.diffusion_step`` (pointers as integers; see csrc/diffusion.h)."""
+    B = sample.shape[0]
+    return dict(
+        sample=_ext.ptr(sample), model_output=_ext.ptr(model_output), out=_ext.ptr(out), x0=_ext.ptr(x0),
+        noise=_ext.ptr(noise) if noise_mode == 1 else 0, coef=_ext.ptr(coef), timesteps=_ext.ptr(timesteps),
+        ts_dtype=-1 if timesteps is None else _TS_CODES[timesteps.dtype],
+        ts_stride=0 if timesteps is None or timesteps.numel() == 1 else 1, guidance=_ext.ptr(guidance),
+        model_scale=_ext.ptr(model_scale), threshold=_ext.ptr(threshold), batch=B,
+        n=sample.numel() // B if B else 0, rows=coef.shape[0], key=key, cfg=int(cfg),
+        guidance_scale=float(guidance_scale), x0_mode=x0_mode, clip_range=float(clip_range), noise_mode=noise_mode,
+        seed=seed % (2**63), offset=offset % (2**32), dtype=_ext.dtype_code(sample.dtype),
+        noise_dtype=_ext.dtype_code(noise.dtype) if noise_mode == 1 else 0, device=device, stream=stream)
+
+
 @STEP.register("cuda", supports=_cuda_supports)
 def _step_cuda(sample, model_output, coef, key, timesteps, schedule_timesteps, cfg, guidance_scale, guidance,
                model_scale, x0_mode, clip_range, threshold, history, read_history, noise, noise_mode, seed, offset,
                write_x0):
-    B = sample.shape[0]
-    N = sample.numel() // B if B else 0
     out = torch.empty_like(sample)
     x0 = torch.empty_like(sample) if write_x0 else sample.new_empty(0)
-    if B == 0 or N == 0:
+    if sample.numel() == 0:
         return out, x0
-    ts_stride = 0 if timesteps is None or timesteps.numel() == 1 else 1
-    ts_code = -1 if timesteps is None else _TS_CODES[timesteps.dtype]
-    _ext.C.diffusion_step(
-        _ext.ptr(sample), _ext.ptr(model_output), _ext.ptr(out), _ext.ptr(x0) if write_x0 else 0,
-        _ext.ptr(noise) if noise_mode == 1 else 0, _ext.ptr(coef), _ext.ptr(timesteps), ts_code, ts_stride,
-        _ext.ptr(guidance), _ext.ptr(model_scale), _ext.ptr(threshold), B, N, coef.shape[0], key, int(cfg),
-        float(guidance_scale), x0_mode, float(clip_range), noise_mode, seed % (2**63), offset % (2**32),
-        _ext.dtype_code(sample.dtype), _ext.dtype_code(noise.dtype) if noise_mode == 1 else 0,
-        sample.device.index if sample.device.index is not None else torch.cuda.current_device(),
-        _ext.stream_of(sample))
+    device = sample.device.index if sample.device.index is not None else torch.cuda.current_device()
+    _ext.C.diffusion_step(**_cuda_args(sample, model_output, coef, key, timesteps, guidance, model_scale, threshold,
+                                       noise, noise_mode, cfg, guidance_scale, x0_mode, clip_range, seed, offset, out,
+                                       x0 if write_x0 else None, device, _ext.stream_of(sample)))
     return out, x0
 
 
@@ -117,6 +132,24 @@ def _step_op(sample: torch.Tensor, model_output: torch.Tensor, coef: torch.Tenso
                               noise_mode, seed, offset, write_x0)
 
 
+_SELECTED: dict[tuple, str] = {}
+
+
+def _select(args: tuple, backend: str | None) -> str:
+    """STEP.select, memoized on what the supports functions read (devices, dtypes, layouts, which inputs exist)."""
+    forced = forced_backend(backend)
+    tensors = (args[0], args[1], args[2], args[4], args[5], args[8], args[9], args[12], args[13], args[15])
+    key = (forced, interpret_mode()) + tuple(
+        None if t is None else (t.device, t.dtype, t.is_contiguous()) for t in tensors)
+    chosen = _SELECTED.get(key)
+    if chosen is None:
+        # a forced backend goes through the context too, so device_reasons sees it
+        with use_backend(forced) if forced is not None else contextlib.nullcontext():
+            chosen = STEP.select(*args)
+        _SELECTED[key] = chosen
+    return chosen
+
+
 def diffusion_step(sample: torch.Tensor, model_output: torch.Tensor, coef: torch.Tensor, key: int,
                    timesteps: torch.Tensor | None, schedule_timesteps: torch.Tensor | None, *, cfg: bool = False,
                    guidance_scale: float = 0.0, guidance: torch.Tensor | None = None, guidance_rescale: float = 0.0,
@@ -132,7 +165,8 @@ def diffusion_step(sample: torch.Tensor, model_output: torch.Tensor, coef: torch
     """
     B = sample.shape[0]
     if cfg and model_output.shape[0] != 2 * B:
-        raise ValueError(f"model_output: guidance needs the (2B, ...) batch, got {model_output.shape[0]} rows for B={B}")
+        raise ValueError(f"model_output: guidance needs the (2B, ...) batch, "
+                         f"got {model_output.shape[0]} rows for B={B}")
     model_scale = None
     if guidance_rescale:
         model_scale = ref.rescale_factor(model_output, B, guidance_scale, guidance, guidance_rescale)
@@ -145,8 +179,12 @@ def diffusion_step(sample: torch.Tensor, model_output: torch.Tensor, coef: torch
     args = (sample, model_output, coef, key, timesteps, schedule_timesteps, cfg, guidance_scale, guidance,
             model_scale, x0_mode, clip_range, threshold, history, read_history, noise, noise_mode, seed, offset,
             write_x0)
-    chosen = STEP.select(*args, backend=backend)
-    return _step_op(*args, chosen)
+    chosen = _select(args, backend)
+    if torch.compiler.is_compiling():
+        return _step_op(*args, chosen)
+    # Eager calls skip the torch.library dispatcher: its argument handling alone costs hundreds of
+    # microseconds of host time for this 21-argument op, more than the step itself. Same function.
+    return STEP.impl(chosen)(*args)
 
 
 # ----------------------------------------------------------------------------------------------

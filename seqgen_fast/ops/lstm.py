@@ -16,7 +16,10 @@ Ops (``torch.ops.seqgen_fast.*``; each takes the chosen backend as its ``backend
 * ``lstm_sequence_backward(...) -> (dxg, dw_hh, dw_hr, dh0, dc0)``: any backend can run it on the
   saved format; the forward's backend is preferred.
 * ``lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh, backend) -> (h1, c1)``: one inference step; on the
-  ``cuda`` backend a single fused launch (both matrix-vector products and the cell update).
+  ``cuda`` backend a single fused launch (both matrix-vector products and the cell update), on
+  ``triton`` one launch for batches up to ``kernels.lstm.STEP_MAX_BATCH``. Eager (not compiling)
+  ``lstm_cell`` calls its implementation directly: no autograd to attach, and the op's Python
+  dispatch would cost more host time than the launch.
 
 Backends, in automatic order: ``cuda`` (persistent kernels of ``seqgen_fast.kernels.lstm_cuda``:
 W_hh resident on chip, one grid barrier per step; no projections, no variable lengths), ``triton``
@@ -190,7 +193,10 @@ def _cell_cuda(x, h, c, w_ih, w_hh, b_ih, b_hh):
 
 @CELL.register("triton", supports=_cell_supports_triton)
 def _cell_triton(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    return _cell_step_loop(_triton_cells().cell_forward, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    tk = _triton_cells()
+    if x.shape[0] <= tk.STEP_MAX_BATCH:
+        return tk.cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    return _cell_step_loop(tk.cell_forward, x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
 @CELL.register("reference", supports=_cell_supports_reference)
