@@ -19,10 +19,10 @@ with its reasons; it is never silently replaced.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -31,7 +31,16 @@ import torch
 BACKENDS = ("cuda", "triton", "reference")
 ENV_VAR = "SEQGEN_FAST_BACKEND"
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("seqgen_fast_backend", default=None)
+# Backends forced by `use_backend` blocks, innermost last, per thread. (A thread-local list rather than
+# a ContextVar: torch.compile traces and guards thread-local reads, so public functions compile
+# with fullgraph=True; under compilation the choice is made once at trace time.)
+_local = threading.local()
+
+
+def _stack() -> list[str]:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
 
 
 class BackendError(RuntimeError):
@@ -47,19 +56,21 @@ def _check_name(name: str, what: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force backend ``name`` for every op called inside the ``with`` block."""
-    token = _forced.set(_check_name(name, "use_backend"))
+    stack = _stack()
+    stack.append(_check_name(name, "use_backend"))
     try:
         yield
     finally:
-        _forced.reset(token)
+        stack.pop()
 
 
 def forced_backend(backend: str | None = None) -> str | None:
     """The backend forced for this call, if any: argument, then context manager, then env var."""
     if backend is not None:
         return _check_name(backend, "backend=")
-    if _forced.get() is not None:
-        return _forced.get()
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
     env = os.environ.get(ENV_VAR, "").strip()
     return _check_name(env, ENV_VAR) if env else None
 
@@ -178,7 +189,12 @@ class Dispatcher:
         """Name of the backend that will run this call (forced, or the first capable)."""
         forced = forced_backend(backend)
         if forced is not None:
-            why = self.reasons(forced, *args, **kwargs)
+            stack = _stack()
+            stack.append(forced)  # supports() functions see a backend= argument as forced too
+            try:
+                why = self.reasons(forced, *args, **kwargs)
+            finally:
+                stack.pop()
             if why:
                 raise BackendError(f"{self.name}: forced backend {forced!r} cannot take these inputs: " + "; ".join(why))
             return forced

@@ -15,8 +15,9 @@ def run_cli(*args):
 def test_info_names_every_backend_with_state_or_reason():
     out = run_cli("info")
     assert out.returncode == 0, out.stderr
+    backends = out.stdout.split("backends:", 1)[1].splitlines()
     for name in ("cuda", "triton", "reference"):
-        line = next(l for l in out.stdout.splitlines() if l.strip().startswith(name + " "))
+        line = next(l for l in backends if l.strip().startswith(name + " "))
         assert "available" in line
         if "unavailable" in line:
             assert len(line.split("unavailable:", 1)[1].strip()) > 10  # a reason, not just a word

@@ -431,3 +431,11 @@ def test_euler_rejects_integer_index():
     ours.set_timesteps(5)
     with pytest.raises(ValueError, match="timestep"):
         ours.step(torch.randn(SHAPE), 3, torch.randn(SHAPE))
+
+
+def test_sample_bad_arguments():
+    s = diffusers.DDIMScheduler()
+    with pytest.raises(ValueError, match="cuda_graph"):
+        sample(lambda x, t: x, s, torch.randn(2, 3), num_inference_steps=4, cuda_graph=True)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sample(lambda x, t: x, s, torch.randn(2, 3), num_inference_steps=0)

@@ -1,6 +1,7 @@
 """The examples run end to end (tiny settings on the CPU; their default sizes on a GPU) and their
 seqgen_fast outputs agree with the plain-torch runs within each example's stated tolerance."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ TINY = {
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"seqgen_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -346,6 +346,50 @@ def test_backend_selection_on_cpu():
         lstm(torch.randn(3, 2, I, dtype=torch.float64), None, m._flat_weights, backend="cuda")
 
 
+class _ContractDouble:
+    """Stands in for seqgen_fast.kernels.lstm_cuda on the CPU, following its documented contract
+    (activated gates + cell states saved, float32 grad_gates), to test the cuda backend's glue."""
+
+    @staticmethod
+    def sequence_forward(xg, w_hh, h0, c0, *, train):
+        from seqgen_fast.reference.lstm import recurrence_forward
+
+        return recurrence_forward(xg, w_hh, None, h0, c0, None, train)
+
+    @staticmethod
+    def sequence_backward(w_hh, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n):
+        from seqgen_fast.reference.lstm import recurrence_backward
+
+        dG, dh0, dc0, _ = recurrence_backward(w_hh, None, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n, None)
+        return dG.float(), dh0, dc0
+
+    @staticmethod
+    def cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        return torch.nn.functional.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh) if False else \
+            torch._VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+
+
+def test_cuda_backend_glue_follows_the_kernel_contract(monkeypatch):
+    monkeypatch.setattr(ops, "_cuda_kernels", lambda: _ContractDouble)
+    xg, w_hh, _, h0, c0, _ = _seq_args(requires_grad=False)
+    ref_out = ops.lstm_sequence(xg, w_hh, None, h0, c0, None, "reference", True)
+    cuda_out = ops.lstm_sequence(xg, w_hh, None, h0, c0, None, "cuda", True)
+    for k, (a, b) in enumerate(zip(cuda_out, ref_out)):
+        assert_close_rel(a, b, TOL[torch.float64], f"forward output {k}")
+    hs, h_n, c_n, cs, gates = ref_out
+    grads = (torch.randn_like(hs), torch.randn_like(h_n), torch.randn_like(c_n))
+    ref_g = ops.lstm_sequence_backward(w_hh, None, hs, cs, gates, h0, c0, *grads, None, "reference")
+    cuda_g = ops.lstm_sequence_backward(w_hh, None, hs, cs, gates, h0, c0, *grads, None, "cuda")
+    for name, a, b in zip(("dxg", "dw_hh", "dw_hr", "dh0", "dc0"), cuda_g, ref_g):
+        assert a.dtype == b.dtype, name
+        if b.numel():
+            assert_close_rel(a, b, 1e-6, name)  # the double's grad_gates pass through float32
+    x, w_ih, b = torch.randn(3, I, dtype=torch.float64), torch.randn(4 * H, I, dtype=torch.float64), torch.randn(4 * H, dtype=torch.float64)
+    for a, r in zip(ops.lstm_cell_step(x, h0, c0, w_ih, w_hh, b, b, "cuda"),
+                    ops.lstm_cell_step(x, h0, c0, w_ih, w_hh, b, b, "reference")):
+        assert_close_rel(a, r, TOL[torch.float64], "cell step")
+
+
 def test_bad_input_errors():
     m = LSTM(I, H, num_layers=2)
     x = torch.randn(4, 3, I)

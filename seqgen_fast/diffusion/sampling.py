@@ -31,7 +31,7 @@ def _loop(model_fn, fs: FastScheduler, x: torch.Tensor, guidance_scale, generato
     for t in fs.timesteps:
         inp = torch.cat([x, x]) if guidance_scale is not None else x
         out = model_fn(fs.scale_model_input(inp, t), t)
-        x = fs.step(out, t, x, guidance_scale=guidance_scale, generator=generator).prev_sample
+        x = fs.step(out, t, x, guidance_scale=guidance_scale, generator=generator, return_dict=False)[0]
     return x
 
 

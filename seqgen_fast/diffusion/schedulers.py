@@ -272,6 +272,12 @@ class FastScheduler:
         self._tables.clear()
         self._history = None
         self._host_schedule = _np(self.scheduler.timesteps)
+        s = self.scheduler
+        # DDPM steps only to timesteps of the set schedule (diffusers' previous_timestep), or any t without one
+        ddpm_any = self.kind == "ddpm" and not (s.custom_timesteps or s.num_inference_steps)
+        T = s.config.num_train_timesteps
+        self._host_set = frozenset() if self.kind != "ddpm" else frozenset(
+            range(T) if ddpm_any else self._host_schedule.astype(np.int64).tolist())
 
     # -- tables -----------------------------------------------------------------------------
     def _table(self, device: torch.device, opts: dict, first_order: bool = False) -> _Tables:
@@ -331,13 +337,16 @@ class FastScheduler:
                 raise ValueError(f"timestep: expected a scalar or a ({batch},) tensor, "
                                  f"got shape {tuple(timestep.shape)}")
             return -1, timestep
+        if isinstance(timestep, (int, float)) and 0 <= timestep < T and timestep == int(timestep) and (
+                self.kind == "ddim" or int(timestep) in self._host_set):
+            return int(timestep), None  # the common host case, checked without torch
         t = torch.as_tensor(timestep).detach().to(torch.float64).reshape(-1)
         if t.numel() not in (1, batch):
             raise ValueError(f"timestep: expected a scalar or a ({batch},) tensor, got {t.numel()} values")
         vals = t.numpy()
         bad = [v for v in vals if not (0 <= v < T and v == int(v))]
-        if self.kind == "ddpm" and (self.scheduler.custom_timesteps or self.scheduler.num_inference_steps):
-            bad += [v for v in vals if v not in set(self._host_schedule.tolist())]
+        if self.kind == "ddpm":
+            bad += [v for v in vals if v not in self._host_set]
         if bad:
             where = ", in scheduler.timesteps)" if self.kind == "ddpm" else ")"
             raise ValueError(f"timestep: {bad[0]:g} is outside the schedule of {type(self.scheduler).__name__} "

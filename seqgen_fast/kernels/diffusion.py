@@ -9,7 +9,8 @@ x_{t-1} (and x0 / the DPM history when asked) once. Math in float32, 64-bit elem
 In-kernel noise (Philox4x32-10, ``tl.philox``): the chunk is processed as four contiguous
 quarters of Q = BLOCK/4 elements; element j of quarter q takes word q of
 philox(seed, counter = (chunk*Q + j, b, offset, 0)), turned into a normal by Box-Muller on word
-pairs (0,1) and (2,3). Reproducible for a given (seed, offset, BLOCK); not the CUDA backend's stream.
+pairs (0,1) and (2,3). Reproducible for a given (seed, offset, dtype) -- BLOCK depends on the dtype
+(``block_size``: 16-byte accesses per thread) -- and not the CUDA backend's stream.
 """
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ import triton.language as tl
 
 from ..reference.diffusion import NCOEF
 
-BLOCK = 2048
 NUM_WARPS = 4
+
+
+def block_size(dtype: torch.dtype) -> int:
+    """Elements per program: four quarters of one 16-byte vector per thread (2048 fp32, 4096 fp16/bf16)."""
+    return 4 * 32 * NUM_WARPS * (16 // torch.tensor([], dtype=dtype).element_size())
 
 
 @triton.jit
@@ -164,7 +169,8 @@ def diffusion_step(sample, model_output, coef, key, timesteps, schedule_timestep
     sched = schedule_timesteps if schedule_timesteps is not None else coef
     n_sched = schedule_timesteps.numel() if schedule_timesteps is not None else 1
     hist = 0 if history is None else (2 if read_history else 1)
-    grid = (triton.cdiv(N, BLOCK), B)
+    block = block_size(sample.dtype)
+    grid = (triton.cdiv(N, block), B)
     _step_kernel[grid](
         sample, model_output, out, x0 if write_x0 else out, history if history is not None else out,
         noise if noise_mode == 1 else sample, coef, ts, sched,
@@ -174,5 +180,5 @@ def diffusion_step(sample, model_output, coef, key, timesteps, schedule_timestep
         float(clip_range),
         LOOKUP=lookup, SCHED_BLOCK=triton.next_power_of_2(max(n_sched, 16)), CFG=cfg,
         PER_SAMPLE_G=guidance is not None, MSCALE=model_scale is not None, X0_MODE=x0_mode, NOISE=noise_mode,
-        HIST=hist, WRITE_X0=write_x0, NCOEF_=NCOEF, BLOCK_=BLOCK, num_warps=NUM_WARPS)
+        HIST=hist, WRITE_X0=write_x0, NCOEF_=NCOEF, BLOCK_=block, num_warps=NUM_WARPS)
     return out, x0

@@ -25,7 +25,8 @@ Per row, with ``s = x * float32(1/T)`` and the order-preserving integer key
    ``top_p * Z``: the largest ``t`` whose kept mass is ``>= top_p`` -- the reference's "smallest set
    of the largest tokens with mass >= top_p", tie groups kept whole. Masses are float32 sums in
    chunk order, so a boundary token whose cumulative mass lies within float32 rounding (~1e-6) of
-   ``top_p`` may fall on the other side than in the reference. Then ``Z`` again over the nucleus.
+   ``top_p`` may fall on the other side than in the reference. The search's last pass also gives
+   the nucleus' mass, the new ``Z``.
 5. draw (one pass, inverse CDF in column order): one uniform ``u`` per row from in-kernel Philox
    (``tl.rand``: key = the seed, counter = the row); the token is the first kept ``i`` whose running
    sum of ``exp(s - m)`` (``tl.cumsum`` within a chunk, carried across chunks) exceeds ``u * Z``.
@@ -63,8 +64,9 @@ def _key(s):
 @triton.jit
 def _search(base, row_ok, V, inv_temp, m, lo, hi, target, active,
             MASS: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, NC: tl.constexpr):
-    """Largest key t in [lo, hi) with f(t) >= target (see the module docstring); lo, hi int64."""
+    """Largest key t in [lo, hi) with f(t) >= target, and f(t) (see the module docstring); lo, hi int64."""
     j = tl.arange(0, NC)
+    f_at = target
     while tl.max(active.to(tl.int32), axis=0) > 0:
         width = hi - lo
         cand = lo[:, None] + (width[:, None] * j[None, :]) // NC  # [ROWS, NC], cand[:, 0] = lo
@@ -97,12 +99,13 @@ def _search(base, row_ok, V, inv_temp, m, lo, hi, target, active,
         new_lo = tl.maximum(new_lo, kmin)
         new_hi = tl.minimum(new_hi, kmax + 1)
         lo = tl.where(active, new_lo, lo)
+        f_at = tl.where(active, f_lo, f_at)
         hi = tl.where(active, tl.maximum(new_hi, new_lo + 1), hi)
         done = hi - lo <= 1
         if not MASS:
             done = done | (f_lo == target)  # exactly k keys >= lo: lo already selects the top k
         active = active & ~done
-    return lo
+    return lo, f_at
 
 
 @triton.jit
@@ -160,11 +163,10 @@ def _sample_kernel(logits_ptr, out_ptr, seed_ptr, R, V, stride_r, inv_temp, top_
         # 2-4. thresholds; z becomes the mass of the kept tokens
         if TOP_K:
             target = tl.zeros([ROWS], dtype=tl.float32) + top_k
-            thr = _search(base, row_ok, V, inv_temp, m, thr, kmax + 1, target, search, False, ROWS, BLOCK_V, NC)
+            thr, _ = _search(base, row_ok, V, inv_temp, m, thr, kmax + 1, target, search, False, ROWS, BLOCK_V, NC)
             z = _kept_mass(base, row_ok, V, inv_temp, m, thr, ROWS, BLOCK_V)
         if TOP_P:
-            thr = _search(base, row_ok, V, inv_temp, m, thr, kmax + 1, top_p * z, search, True, ROWS, BLOCK_V, NC)
-            z = _kept_mass(base, row_ok, V, inv_temp, m, thr, ROWS, BLOCK_V)
+            thr, z = _search(base, row_ok, V, inv_temp, m, thr, kmax + 1, top_p * z, search, True, ROWS, BLOCK_V, NC)
         # 5. inverse CDF: the first kept token whose running mass exceeds u * z
         u = tl.minimum(tl.rand(tl.load(seed_ptr), rows), 0.99999994)
         target = u * z
