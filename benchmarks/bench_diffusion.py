@@ -24,6 +24,7 @@ DTYPES = [torch.float32, torch.float16]
 KINDS = {"DDIM": "DDIMScheduler", "DDPM": "DDPMScheduler", "Euler": "EulerDiscreteScheduler",
          "DPM++2M": "DPMSolverMultistepScheduler"}
 STEPS = 50
+DEVICE = "cuda"  # a dry run of the providers' logic can set "cpu"
 # Stable Diffusion's DDIM/DDPM settings; the other schedulers at their defaults
 CONFIGS = {"DDIMScheduler": dict(clip_sample=False, set_alpha_to_one=False), "DDPMScheduler": dict(clip_sample=False)}
 
@@ -32,7 +33,7 @@ def _scheduler(cls: str):
     import diffusers
 
     s = getattr(diffusers, cls)(**CONFIGS.get(cls, {}))
-    s.set_timesteps(STEPS, device="cuda")
+    s.set_timesteps(STEPS, device=DEVICE)
     return s
 
 
@@ -56,7 +57,7 @@ def _ddim_coefs(s, t: int):
     prev = t - T // s.num_inference_steps
     abp = s.alphas_cumprod[prev].double() if prev >= 0 else s.final_alpha_cumprod.double()
     vals = [ab.sqrt(), (1 - ab).sqrt(), abp.sqrt(), (1 - abp).sqrt()]
-    return [v.float().cuda() for v in vals]
+    return [v.float().to(DEVICE) for v in vals]
 
 
 def _step_case(kind: str, shape_name: str, dtype: torch.dtype, guidance: bool) -> Case:
@@ -71,8 +72,8 @@ def _step_case(kind: str, shape_name: str, dtype: torch.dtype, guidance: bool) -
     def setup():
         from seqgen_fast.diffusion import fast_scheduler
 
-        x = torch.randn(shape, device="cuda", dtype=dtype)
-        mo = torch.randn((2 * B if guidance else B, *shape[1:]), device="cuda", dtype=dtype)
+        x = torch.randn(shape, device=DEVICE, dtype=dtype)
+        mo = torch.randn((2 * B if guidance else B, *shape[1:]), device=DEVICE, dtype=dtype)
         g = 7.5 if guidance else None
         k = 10
         theirs = _scheduler(cls)
@@ -108,7 +109,7 @@ def _step_case(kind: str, shape_name: str, dtype: torch.dtype, guidance: bool) -
         if kind == "DDIM":
             compiled = _ddim_compiled()
             coefs = _ddim_coefs(theirs, t_int)
-            gt = torch.tensor(7.5, device="cuda")
+            gt = torch.tensor(7.5, device=DEVICE)
             fns["torch.compile"] = lambda: compiled(x, mo, gt, *coefs, guidance)
         return fns
 
@@ -126,8 +127,8 @@ def _loop_case(dtype: torch.dtype) -> Case:
     def setup():
         from seqgen_fast.diffusion import fast_scheduler
 
-        x0 = torch.randn(shape, device="cuda", dtype=dtype)
-        mo = torch.randn((2 * B, *shape[1:]), device="cuda", dtype=dtype)
+        x0 = torch.randn(shape, device=DEVICE, dtype=dtype)
+        mo = torch.randn((2 * B, *shape[1:]), device=DEVICE, dtype=dtype)
         ours = fast_scheduler(_scheduler("DDIMScheduler"), pred_original_sample=False)
         ts = list(ours.timesteps)
 
@@ -139,7 +140,7 @@ def _loop_case(dtype: torch.dtype) -> Case:
 
         compiled = _ddim_compiled()
         coefs = [_ddim_coefs(ours.scheduler, int(t)) for t in ours.timesteps]
-        gt = torch.tensor(7.5, device="cuda")
+        gt = torch.tensor(7.5, device=DEVICE)
 
         def run_compiled():
             x = x0

@@ -7,6 +7,7 @@
 #include "diffusion.h"
 
 #include <string>
+#include <type_traits>
 
 namespace seqgen {
 namespace diffusion {
@@ -144,8 +145,14 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Params p) {
     }
   }
   if (p.noise_mode == 1) {
+    if constexpr (VEC && std::is_same<NT, T>::value) {
+      const Pack<T, PACK> np = *reinterpret_cast<const Pack<T, PACK>*>(nz + first);
 #pragma unroll
-    for (int i = 0; i < PACK; ++i) nv[i] = (VEC || i < count) ? to_float(nz[first + i]) : 0.0f;
+      for (int i = 0; i < PACK; ++i) nv[i] = to_float(np.v[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < PACK; ++i) nv[i] = (VEC || i < count) ? to_float(nz[first + i]) : 0.0f;
+    }
   } else if (p.noise_mode == 2) {
     if (VEC) {  // PACK is a multiple of 4 and `first` too: whole groups
 #pragma unroll

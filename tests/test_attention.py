@@ -333,6 +333,68 @@ def test_kernel_block_shapes_causal_skipping(blocks, causal, device):
             assert_close_rel(a, b, 3e-3, f"d{name}")
 
 
+AOT_VARIANTS = [
+    # kernel, D, DV, (BLOCK_M, BLOCK_N, warps, stages), flags
+    ("_attn_fwd", 128, 128, (128, 64, 8, 3), dict(CAUSAL=True)),
+    ("_attn_fwd", 96, 64, (128, 64, 8, 3), dict(CAUSAL=True, BOTTOM_RIGHT=True, IS_VARLEN=True)),
+    ("_attn_bwd_dkdv", 128, 128, (32, 128, 8, 3), dict(HAS_MASK=True, MASK_BOOL=True)),
+    ("_attn_bwd_dq", 256, 256, (128, 32, 8, 2), dict(HAS_MASK=True, CAUSAL=True)),
+]
+
+
+def compile_sm90(index: int) -> None:
+    """Print (JSON) facts of an ahead-of-time sm_90 compile of AOT_VARIANTS[index], bf16, specialised
+    as the JIT would (16-byte aligned pointers and strides, unit head-dim strides). Runs in a
+    subprocess: Triton cannot compile while its interpreter is on."""
+    import json
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from seqgen_fast.kernels import attention as kernel
+
+    name, d, dv, (bm, bn, warps, stages), flags = AOT_VARIANTS[index]
+    fn = getattr(kernel, name).fn
+    names = list(fn.arg_names)
+    const = dict(D=d, DV=dv, BLOCK_D=kernel.block_dim(d), BLOCK_DV=kernel.block_dim(dv), CAUSAL=False,
+                 BOTTOM_RIGHT=False, HAS_MASK=False, MASK_BOOL=False, IS_VARLEN=False, BLOCK_M=bm, BLOCK_N=bn)
+    const.update(flags)
+    const.update({n: 1 for n in names if n.startswith("stride_") and n.endswith("d") and n != "stride_mb"})
+    tensors = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DVT"}
+    mask_type = "*i1" if const["MASK_BOOL"] else "*bf16"
+    sig = {n: "constexpr" if n in const else "*bf16" if n in tensors else "*fp32" if n in ("LSE", "DELTA")
+           else mask_type if n == "MASK" else "*i32" if n in ("CU_Q", "CU_K")
+           else "fp32" if n in ("qk_scale", "sm_scale") else "i32" for n in names}
+    aligned = [n for n in names if n not in const and n != "MASK" and not n.startswith("stride_m")
+               and (sig[n].startswith("*") or n.startswith("stride_"))]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    print(json.dumps({"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared}))
+
+
+@pytest.mark.parametrize("index", range(len(AOT_VARIANTS)))
+def test_kernels_compile_for_sm90_with_wgmma(index):
+    """Each kernel variant compiles for Hopper (no GPU needed), its dots on wgmma, its tiles
+    streamed through cp.async, within the 227 KiB of shared memory a block can have."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-c", f"import test_attention as t; t.compile_sm90({index})"],
+                         cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "wgmma.mma_async" in facts["ptx"], "dots did not lower to Hopper's wgmma"
+    assert "cp.async" in facts["ptx"], "tiles are not loaded asynchronously"
+    assert facts["shared"] <= 227 * 1024
+
+
 # ----------------------------------------------------------------------------------------------
 # opcheck of the ops (fake, autograd registration, schema)
 # ----------------------------------------------------------------------------------------------
@@ -350,9 +412,12 @@ def test_opcheck(backend, device):
         args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, None, None, None,
                 0, 0, 0.2, BOTTOM_RIGHT, backend)
         torch.library.opcheck(ops._attention_bwd, args, test_utils=("test_schema", "test_faketensor"))
-        qv = rand(12, 2, 32, dtype=dtype, device=device, grad=True).transpose(0, 1).unsqueeze(0)
+        # distinct q, k, v: one tensor in three roles would sum three fp16 gradients in an order
+        # eager and AOT autograd need not share
+        qv, kv, vv = (rand(12, 2, 32, dtype=dtype, device=device).transpose(0, 1)[None].requires_grad_()
+                      for _ in range(3))
         cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
-        torch.library.opcheck(ops._attention_fwd, (qv, qv, qv, None, cu, cu, 7, 7, 0.2, BOTTOM_RIGHT, backend))
+        torch.library.opcheck(ops._attention_fwd, (qv, kv, vv, None, cu, cu, 7, 7, 0.2, BOTTOM_RIGHT, backend))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -167,6 +167,7 @@ def test_autocast_casts_like_torch():
             cell16 = cell(x[0])[0]
     assert out16.dtype == h16.dtype == cell16.dtype == torch.bfloat16
     assert_close_rel(out16, out32, SEQ_TOL[torch.bfloat16], "output under autocast")
+    assert_close_rel(h16, h32, SEQ_TOL[torch.bfloat16], "h_n under autocast")
     assert_close_rel(cell16, cell32, SEQ_TOL[torch.bfloat16], "LSTMCell h1 under autocast")
 
 
@@ -187,7 +188,8 @@ def test_lstm_triton_packed_unsorted():
 
 
 # B=9: above the fused step kernel's batch limit (addmm + cell kernel); input 300: several K tiles.
-@pytest.mark.parametrize("B,inp,hidden,bias", [(3, I, 33, True), (1, I, 33, False), (9, I, 33, True), (5, 300, 17, True)])
+@pytest.mark.parametrize("B,inp,hidden,bias",
+                         [(3, I, 33, True), (1, I, 33, False), (9, I, 33, True), (5, 300, 17, True)])
 def test_lstm_cell_triton_interpreter(B, inp, hidden, bias):
     ref_c = torch.nn.LSTMCell(inp, hidden, bias=bias)
     ours = LSTMCell.from_torch(ref_c)
@@ -301,8 +303,9 @@ def _seq_args(T=4, B=3, proj=False, packed=False, dtype=torch.float64, requires_
     return [mk(T, B, 4 * H), mk(4 * H, P), mk(P, H) if proj else None, mk(B, P), mk(B, H), batch_sizes]
 
 
-@pytest.mark.parametrize("proj,packed,train,backend", [(False, False, True, "reference"), (True, True, True, "reference"),
-                                                       (False, False, False, "reference"), (True, True, True, "triton")])
+@pytest.mark.parametrize("proj,packed,train,backend",
+                         [(False, False, True, "reference"), (True, True, True, "reference"),
+                          (False, False, False, "reference"), (True, True, True, "triton")])
 def test_opcheck_lstm_sequence(proj, packed, train, backend):
     dtype = torch.float64 if backend == "reference" else torch.float32
     args = _seq_args(proj=proj, packed=packed, dtype=dtype, requires_grad=train)
@@ -338,7 +341,8 @@ def test_backend_selection_on_cpu():
         assert "projections" in cuda_why and "variable lengths" in cuda_why
     assert ops.SEQ.select(xg, w_hh, w_hr, h0, c0, bs, train=True) == "reference"
     with use_backend("triton"):
-        assert ops.SEQ.select(xg.float(), w_hh.float(), w_hr.float(), h0.float(), c0.float(), bs, train=True) == "triton"
+        f32 = [t.float() for t in (xg, w_hh, w_hr, h0, c0)]
+        assert ops.SEQ.select(*f32, bs, train=True) == "triton"
         with pytest.raises(BackendError, match="float64"):
             ops.SEQ.select(xg, w_hh, w_hr, h0, c0, bs, train=True)
     m = LSTM(I, H, dtype=torch.float64)
@@ -365,8 +369,7 @@ class _ContractDouble:
 
     @staticmethod
     def cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
-        return torch.nn.functional.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh) if False else \
-            torch._VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+        return torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
 
 
 def test_cuda_backend_glue_follows_the_kernel_contract(monkeypatch):
@@ -384,7 +387,7 @@ def test_cuda_backend_glue_follows_the_kernel_contract(monkeypatch):
         assert a.dtype == b.dtype, name
         if b.numel():
             assert_close_rel(a, b, 1e-6, name)  # the double's grad_gates pass through float32
-    x, w_ih, b = torch.randn(3, I, dtype=torch.float64), torch.randn(4 * H, I, dtype=torch.float64), torch.randn(4 * H, dtype=torch.float64)
+    x, w_ih, b = (torch.randn(*s, dtype=torch.float64) for s in ((3, I), (4 * H, I), (4 * H,)))
     for a, r in zip(ops.lstm_cell_step(x, h0, c0, w_ih, w_hh, b, b, "cuda"),
                     ops.lstm_cell_step(x, h0, c0, w_ih, w_hh, b, b, "reference")):
         assert_close_rel(a, r, TOL[torch.float64], "cell step")
@@ -486,13 +489,14 @@ def test_gpu_lstm_cell_training(backend, dtype):
         o = ours(mine[0], (mine[1], mine[2]))
         go = torch.autograd.grad((o[0] * 2 + o[1]).sum(), [*mine, *ours.parameters()])
     gr = torch.autograd.grad((r[0] * 2 + r[1]).sum(), [x, h, c, *ref_c.parameters()])
-    names = ["h1", "c1", "grad x", "grad h", "grad c", "grad weight_ih", "grad weight_hh", "grad bias_ih", "grad bias_hh"]
+    names = ["h1", "c1", "grad x", "grad h", "grad c", "grad weight_ih", "grad weight_hh", "grad bias_ih",
+             "grad bias_hh"]
     for name, a, b in zip(names, (*o, *go), (*r, *gr)):
         assert_close_rel(a.cpu(), b, SEQ_TOL[dtype], name)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", [None, "triton"])  # None: automatic (cuda declines, triton takes it)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_lstm_packed_and_proj(backend, dtype):
     ref_m = torch.nn.LSTM(24, 64, bidirectional=True, proj_size=32, dtype=torch.float64)

@@ -13,7 +13,8 @@ into one CUDA graph, so ``model_fn`` must be capturable (no host syncs, no CPU t
 static shapes). The first call for a configuration runs the loop eagerly (that is its result and
 also compiles every kernel specialization and builds the coefficient tables), then captures the
 loop; later calls with the same model_fn, scheduler, shapes, dtype, guidance and step count copy
-the latents into the graph's input and replay it. Noise in a graph: in-kernel noise is drawn at
+the latents into the graph's input and replay it (the graphs live on the fast scheduler: pass
+``fast_scheduler(...)``, not a bare diffusers scheduler, to reuse them). Noise in a graph: in-kernel noise is drawn at
 the (seed, offset) values baked in at capture, so every replay reproduces the same noise; a
 ``generator`` is not allowed with ``cuda_graph=True``.
 """

@@ -212,7 +212,8 @@ class FastScheduler:
 
     * ``timestep`` a (B,) tensor: each sample steps at its own timestep (DDPM/DDIM: the row of that
       timestep; Euler/DPM: the position of that timestep in ``timesteps``; the step-index counter
-      is then left alone);
+      is then left alone; DPM-Solver++ reads each sample's history buffer as the x0 of that
+      sample's previous step, and the first step after ``set_timesteps`` is first order for all);
     * ``guidance_scale`` (float or (B,) tensor): ``model_output`` is the (2B, ...) batch
       [unconditional; conditional] and guidance is fused; ``guidance_rescale`` as diffusers'
       ``rescale_noise_cfg`` (one extra reduction pass).

@@ -2,7 +2,7 @@
 
 Layout: ``logits`` (R, V) with unit stride along V (any row stride), float16/bfloat16/float32;
 ``out`` (R,) int64; ``seed`` a 1-element int64 device tensor. One program owns ``ROWS`` rows
-(``ROWS = 1`` for large vocabularies) and streams each row in chunks of ``BLOCK_V`` columns; every
+(``ROWS = 1`` for large vocabularies) and streams each row in chunks of ``BLOCK_V`` columns (up to 4096); every
 per-row quantity below is a ``[ROWS]`` vector. All math is float32.
 
 Per row, with ``s = x * float32(1/T)`` and the order-preserving integer key
@@ -48,9 +48,9 @@ NUM_CANDIDATES = 16  # keys evaluated per search pass: log2(16) = 4 bits of the 
 
 
 @triton.jit
-def _load_scaled(base, cols, row_ok, V, inv_temp):
-    """s = x * inv_temp as float32 [ROWS, BLOCK_V]; valid marks in-range entries."""
-    valid = row_ok[:, None] & (cols[None, :] < V)
+def _load_scaled(base, cols, row_ok, vlen, inv_temp):
+    """s = x * inv_temp as float32 [ROWS, BLOCK_V]; valid marks in-range entries (cols < vlen, per row)."""
+    valid = row_ok[:, None] & (cols[None, :] < vlen[:, None])
     x = tl.load(base[:, None] + cols[None, :], mask=valid, other=0.0).to(tl.float32)
     return x * inv_temp, valid
 
@@ -62,7 +62,7 @@ def _key(s):
 
 
 @triton.jit
-def _search(base, row_ok, V, inv_temp, m, lo, hi, target, active,
+def _search(base, row_ok, n_cols, vlen, inv_temp, m, lo, hi, target, active,
             MASS: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, NC: tl.constexpr):
     """Largest key t in [lo, hi) with f(t) >= target, and f(t) (see the module docstring); lo, hi int64."""
     j = tl.arange(0, NC)
@@ -74,8 +74,8 @@ def _search(base, row_ok, V, inv_temp, m, lo, hi, target, active,
         f_hi = tl.zeros([ROWS], dtype=tl.float32)  # ... plus f(hi), which every candidate includes
         kmin = tl.full([ROWS], 2147483647, tl.int64)
         kmax = tl.full([ROWS], -2147483648, tl.int64)
-        for c0 in range(0, V, BLOCK_V):
-            s, valid = _load_scaled(base, c0 + tl.arange(0, BLOCK_V), row_ok, V, inv_temp)
+        for c0 in range(0, n_cols, BLOCK_V):
+            s, valid = _load_scaled(base, c0 + tl.arange(0, BLOCK_V), row_ok, vlen, inv_temp)
             key = _key(s).to(tl.int64)
             if MASS:
                 w = tl.where(valid, tl.exp(s - m[:, None]), 0.0)
@@ -109,31 +109,41 @@ def _search(base, row_ok, V, inv_temp, m, lo, hi, target, active,
 
 
 @triton.jit
-def _kept_mass(base, row_ok, V, inv_temp, m, thr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+def _kept_mass(base, row_ok, n_cols, vlen, inv_temp, m, thr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """sum of exp(s - m) over the tokens with key >= thr."""
     z = tl.zeros([ROWS], dtype=tl.float32)
-    for c0 in range(0, V, BLOCK_V):
-        s, valid = _load_scaled(base, c0 + tl.arange(0, BLOCK_V), row_ok, V, inv_temp)
+    for c0 in range(0, n_cols, BLOCK_V):
+        s, valid = _load_scaled(base, c0 + tl.arange(0, BLOCK_V), row_ok, vlen, inv_temp)
         keep = valid & (_key(s).to(tl.int64) >= thr[:, None])
         z += tl.sum(tl.where(keep, tl.exp(s - m[:, None]), 0.0), axis=1)
     return z
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, out_ptr, seed_ptr, R, V, stride_r, inv_temp, top_k, top_p,
-                   GREEDY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK_V: tl.constexpr, NC: tl.constexpr):
+def _sample_kernel(logits_ptr, out_ptr, seed_ptr, cand_ptr, cand_idx_ptr, flag_ptr, R, V, stride_r, inv_temp,
+                   top_k, top_p, NCAND, NSEG,
+                   GREEDY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, COMPACT: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_V: tl.constexpr, NC: tl.constexpr, SEG_P2: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < R
     base = logits_ptr + rows.to(tl.int64) * stride_r
+    vlen = tl.zeros([ROWS], dtype=tl.int32) + V
     neg_inf = float("-inf")
+    if COMPACT:  # a row whose segments all kept <= CAP tokens and no NaN/+inf reads its candidates
+        seg = tl.arange(0, SEG_P2)
+        flags = tl.load(flag_ptr + rows[:, None] * NSEG + seg[None, :], mask=row_ok[:, None] & (seg[None, :] < NSEG),
+                        other=0)
+        use_cand = tl.max(flags, axis=1) == 0
+        base = tl.where(use_cand, cand_ptr + rows.to(tl.int64) * NCAND, base)
+        vlen = tl.where(use_cand, NCAND, vlen)
+    n_cols = tl.max(tl.where(row_ok, vlen, 0), axis=0)
 
     bad = tl.zeros([ROWS], dtype=tl.int1)  # a NaN (and, sampling, +inf) logit in the row
     if GREEDY:
         best = tl.full([ROWS], neg_inf, tl.float32)
         best_idx = tl.zeros([ROWS], dtype=tl.int64)
-        for c0 in range(0, V, BLOCK_V):
-            s, valid = _load_scaled(base, c0 + tl.arange(0, BLOCK_V), row_ok, V, inv_temp)
+        for c0 in range(0, n_cols, BLOCK_V):
+            s, valid = _load_scaled(base, c0 + tl.arange(0, BLOCK_V), row_ok, vlen, inv_temp)
             bad = bad | (tl.max((valid & (s != s)).to(tl.int32), axis=1) > 0)
             score = tl.where(valid, s, neg_inf)
             c_best = tl.max(score, axis=1)
@@ -147,8 +157,8 @@ def _sample_kernel(logits_ptr, out_ptr, seed_ptr, R, V, stride_r, inv_temp, top_
         z = tl.zeros([ROWS], dtype=tl.float32)
         kmin = tl.full([ROWS], 2147483647, tl.int64)
         kmax = tl.full([ROWS], -2147483648, tl.int64)
-        for c0 in range(0, V, BLOCK_V):
-            s, valid = _load_scaled(base, c0 + tl.arange(0, BLOCK_V), row_ok, V, inv_temp)
+        for c0 in range(0, n_cols, BLOCK_V):
+            s, valid = _load_scaled(base, c0 + tl.arange(0, BLOCK_V), row_ok, vlen, inv_temp)
             bad = bad | (tl.max((valid & ((s != s) | (s == float("inf")))).to(tl.int32), axis=1) > 0)
             m_new = tl.maximum(m, tl.max(tl.where(valid, s, neg_inf), axis=1))
             m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
@@ -163,19 +173,21 @@ def _sample_kernel(logits_ptr, out_ptr, seed_ptr, R, V, stride_r, inv_temp, top_
         # 2-4. thresholds; z becomes the mass of the kept tokens
         if TOP_K:
             target = tl.zeros([ROWS], dtype=tl.float32) + top_k
-            thr, _ = _search(base, row_ok, V, inv_temp, m, thr, kmax + 1, target, search, False, ROWS, BLOCK_V, NC)
-            z = _kept_mass(base, row_ok, V, inv_temp, m, thr, ROWS, BLOCK_V)
+            thr, _ = _search(base, row_ok, n_cols, vlen, inv_temp, m, thr, kmax + 1, target, search, False,
+                             ROWS, BLOCK_V, NC)
+            z = _kept_mass(base, row_ok, n_cols, vlen, inv_temp, m, thr, ROWS, BLOCK_V)
         if TOP_P:
-            thr, z = _search(base, row_ok, V, inv_temp, m, thr, kmax + 1, top_p * z, search, True, ROWS, BLOCK_V, NC)
+            thr, z = _search(base, row_ok, n_cols, vlen, inv_temp, m, thr, kmax + 1, top_p * z, search, True,
+                             ROWS, BLOCK_V, NC)
         # 5. inverse CDF: the first kept token whose running mass exceeds u * z
         u = tl.minimum(tl.rand(tl.load(seed_ptr), rows), 0.99999994)
         target = u * z
         acc = tl.zeros([ROWS], dtype=tl.float32)
         choice = tl.full([ROWS], -1, tl.int64)
         last = tl.full([ROWS], -1, tl.int64)  # the last kept token: the pick if rounding never crosses
-        for c0 in range(0, V, BLOCK_V):
+        for c0 in range(0, n_cols, BLOCK_V):
             cols = c0 + tl.arange(0, BLOCK_V)
-            s, valid = _load_scaled(base, cols, row_ok, V, inv_temp)
+            s, valid = _load_scaled(base, cols, row_ok, vlen, inv_temp)
             keep = valid & (_key(s).to(tl.int64) >= thr[:, None])
             w = tl.where(keep, tl.exp(s - m[:, None]), 0.0)
             run = tl.cumsum(w, axis=1) + acc[:, None]
@@ -184,30 +196,88 @@ def _sample_kernel(logits_ptr, out_ptr, seed_ptr, R, V, stride_r, inv_temp, top_
             last = tl.maximum(last, tl.max(tl.where(keep, cols[None, :], -1), axis=1).to(tl.int64))
             acc += tl.sum(w, axis=1)
         choice = tl.where(choice < 0, last, choice)
+        if COMPACT:  # a position among the candidates -> the column in the row
+            mapped = tl.load(cand_idx_ptr + rows.to(tl.int64) * NCAND + choice,
+                             mask=row_ok & use_cand & (choice >= 0), other=0)
+            choice = tl.where(use_cand, mapped.to(tl.int64), choice)
         out = tl.where(bad | (last < 0), -1, choice)
     tl.store(out_ptr + rows, out, mask=row_ok)
 
 
-def _config(R: int, V: int, block_v: int | None) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_V, num_warps): one row per program for big V; several rows share one for small V.
+@triton.jit
+def _segment_topk_kernel(logits_ptr, cand_ptr, cand_idx_ptr, flag_ptr, V, stride_r, inv_temp, top_k, SEG, NCAND,
+                         CAP: tl.constexpr, BLOCK_V: tl.constexpr, NC: tl.constexpr):
+    """Stage 1 of top-k for big V: program (row, p) copies the tokens of columns [p*SEG, (p+1)*SEG)
+    with key >= that segment's k-th largest key -- a superset of the row's top-k there -- into CAP
+    slots of the row's candidate buffer (column order kept; -inf pads), their columns into
+    cand_idx, and sets flag[row, p] = 1 when they do not fit (ties) or the segment holds a NaN/+inf:
+    such a row is then sampled from its full logits."""
+    r = tl.program_id(0)
+    p = tl.program_id(1)
+    ok = tl.full([1], 1, tl.int1)
+    start = p * SEG
+    base = logits_ptr + r.to(tl.int64) * stride_r + start + tl.zeros([1], dtype=tl.int64)
+    vlen = tl.zeros([1], dtype=tl.int32) + tl.minimum(SEG, V - start)
+    bad = tl.zeros([1], dtype=tl.int1)
+    kmin = tl.full([1], 2147483647, tl.int64)
+    kmax = tl.full([1], -2147483648, tl.int64)
+    for c0 in range(0, SEG, BLOCK_V):
+        s, valid = _load_scaled(base, c0 + tl.arange(0, BLOCK_V), ok, vlen, inv_temp)
+        bad = bad | (tl.max((valid & ((s != s) | (s == float("inf")))).to(tl.int32), axis=1) > 0)
+        key = _key(s).to(tl.int64)
+        kmin = tl.minimum(kmin, tl.min(tl.where(valid, key, 2147483647), axis=1))
+        kmax = tl.maximum(kmax, tl.max(tl.where(valid, key, -2147483648), axis=1))
+    search = ~bad & (vlen > top_k)
+    target = tl.zeros([1], dtype=tl.float32) + top_k
+    thr, count = _search(base, ok, SEG, vlen, inv_temp, target, kmin, kmax + 1, target, search, False,
+                         1, BLOCK_V, NC)
+    n_keep = tl.where(search, count.to(tl.int32), vlen)
+    tl.store(flag_ptr + r * tl.num_programs(1) + p + tl.zeros([1], dtype=tl.int32),
+             (bad | (n_keep > CAP)).to(tl.int32))
+    out = cand_ptr + r.to(tl.int64) * NCAND + p * CAP
+    out_idx = cand_idx_ptr + r.to(tl.int64) * NCAND + p * CAP
+    written = tl.zeros([1], dtype=tl.int32)
+    for c0 in range(0, SEG, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        valid = cols[None, :] < vlen[:, None]
+        x = tl.load(base[:, None] + cols[None, :], mask=valid, other=0.0)
+        keep = valid & (_key(x.to(tl.float32) * inv_temp).to(tl.int64) >= thr[:, None])
+        pos = written[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+        tl.store(out + pos, x, mask=keep & (pos < CAP))
+        tl.store(out_idx + pos, start + cols[None, :], mask=keep & (pos < CAP))
+        written += tl.sum(keep.to(tl.int32), axis=1)
+    slot = tl.arange(0, CAP)
+    pad = slot[None, :] >= written[:, None]
+    tl.store(out + slot[None, :], tl.full([1, CAP], float("-inf"), cand_ptr.dtype.element_ty), mask=pad)
+    tl.store(out_idx + slot[None, :], tl.zeros([1, CAP], dtype=tl.int32), mask=pad)
 
-    The search holds a [ROWS, NC, BLOCK_V] compare tile; it is capped at 16K elements on a GPU.
-    The interpreter runs one program at a time, so there every row of a small problem shares one.
+
+def _config(R: int, V: int, block_v: int | None) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_V, num_warps): one row per program in chunks of up to 4096 for big V; several
+    rows share a program for small V.
+
+    The search holds a [ROWS, NC, BLOCK_V] compare tile: up to 64K elements over 16 warps (ptxas for
+    sm_90: 128 registers, no spills). Big chunks keep more loads in flight per loop iteration, which
+    a lone program per row needs. Not tuned on a GPU yet. The interpreter runs one program at a
+    time, so there every row of a small problem shares one.
     """
-    block = block_v or min(triton.next_power_of_2(V), 1024)
+    block = block_v or min(triton.next_power_of_2(V), 4096)
     if interpret_mode():
         rows = min(triton.next_power_of_2(R), max(1, 8192 // block))
     else:
         rows = min(triton.next_power_of_2(R), max(1, 1024 // block), 16)
-    return rows, block, 8 if rows * block >= 1024 else 4
+    tile = rows * block
+    return rows, block, 16 if tile >= 4096 else 8 if tile >= 1024 else 4
 
 
 def sample_tokens(logits: torch.Tensor, seed: torch.Tensor | None, temperature: float, top_k: int, top_p: float,
-                  out: torch.Tensor | None = None, block_v: int | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, block_v: int | None = None,
+                  segment: int | None = None) -> torch.Tensor:
     """Launch the sampler on ``logits`` (R, V): returns ``out`` (R,) int64 (see the module docstring).
 
     ``temperature == 0`` is greedy (``seed`` may be None); ``top_k`` of 0 or ``>= V`` and
-    ``top_p >= 1`` disable those filters. ``block_v`` (a power of two) overrides the chunk width.
+    ``top_p >= 1`` disable those filters. ``block_v`` (a power of two) overrides the chunk width;
+    ``segment`` the two-stage top-k plan (see ``_segments``).
     """
     if logits.dim() != 2:
         raise ValueError(f"sample_tokens kernel: logits must be (R, V), got shape {tuple(logits.shape)}")
@@ -227,10 +297,41 @@ def sample_tokens(logits: torch.Tensor, seed: torch.Tensor | None, temperature: 
         return out
     use_k = not greedy and 0 < top_k < V
     use_p = not greedy and top_p < 1.0
-    rows, block, warps = _config(R, V, block_v)
     seed_arg = out if seed is None else seed  # greedy never reads it; any int64 pointer will do
+    inv_temp = 1.0 / temperature if not greedy else 1.0
+    plan = _segments(V, top_k, segment) if use_k else None
+    if plan is None:
+        cand, cand_idx, flags, ncand, nseg = logits, out, out, 0, 0
+        rows, block, warps = _config(R, V, block_v)
+    else:
+        seg, nseg, cap = plan
+        ncand = nseg * cap
+        cand = torch.empty(R, ncand, dtype=logits.dtype, device=logits.device)
+        cand_idx = torch.empty(R, ncand, dtype=torch.int32, device=logits.device)
+        flags = torch.empty(R, nseg, dtype=torch.int32, device=logits.device)
+        seg_block = min(triton.next_power_of_2(seg), 4096)
+        _segment_topk_kernel[(R, nseg)](
+            logits, cand, cand_idx, flags, V, logits.stride(0), inv_temp, top_k, seg, ncand,
+            CAP=cap, BLOCK_V=seg_block, NC=NUM_CANDIDATES, num_warps=_config(1, seg_block, seg_block)[2])
+        rows, block, warps = _config(R, min(V, ncand) if block_v is None else V, block_v)
     _sample_kernel[(triton.cdiv(R, rows),)](
-        logits, out, seed_arg, R, V, logits.stride(0), 1.0 / temperature if not greedy else 1.0,
-        top_k, float(top_p), GREEDY=greedy, TOP_K=use_k, TOP_P=use_p, ROWS=rows, BLOCK_V=block,
-        NC=NUM_CANDIDATES, num_warps=warps)
+        logits, out, seed_arg, cand, cand_idx, flags, R, V, logits.stride(0), inv_temp, top_k, float(top_p),
+        ncand, nseg, GREEDY=greedy, TOP_K=use_k, TOP_P=use_p, COMPACT=plan is not None, ROWS=rows,
+        BLOCK_V=block, NC=NUM_CANDIDATES, SEG_P2=triton.next_power_of_2(max(nseg, 1)), num_warps=warps)
     return out
+
+
+def _segments(V: int, top_k: int, segment: int | None) -> tuple[int, int, int] | None:
+    """(segment length, segments, CAP) of the two-stage top-k, or None to run one stage.
+
+    Two stages pay when a row is long against k: stage 1 spreads each row over V / SEG programs
+    (all SMs busy even at batch 1) and leaves stage 2 about SEG / CAP times fewer columns.
+    ``segment=0`` disables it; a positive ``segment`` forces that length (tests).
+    """
+    cap = triton.next_power_of_2(top_k)
+    if segment == 0 or cap > 512:
+        return None
+    seg = segment or max(2048, 8 * cap)
+    if seg < cap or (segment is None and V < 4 * seg):
+        return None
+    return seg, triton.cdiv(V, seg), cap

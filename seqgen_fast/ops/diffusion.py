@@ -42,7 +42,9 @@ def _common_reasons(backend, sample, model_output, coef, key, timesteps, schedul
         return why
     if sample.dtype not in _KERNEL_DTYPES:
         why.append(f"dtype {sample.dtype} (kernels take float32, float16, bfloat16)")
-    for name, t in (("sample", sample), ("model_output", model_output), ("history", history), ("noise", noise)):
+    for name, t in (("sample", sample), ("model_output", model_output), ("history", history), ("noise", noise),
+                    ("coef", coef), ("timesteps", timesteps), ("guidance", guidance), ("model_scale", model_scale),
+                    ("threshold", threshold)):
         if t is not None and not t.is_contiguous():
             why.append(f"{name} is not contiguous")
     return why
@@ -72,6 +74,11 @@ def _cuda_supports(*args) -> list[str]:
         why.append(f"timesteps dtype {timesteps.dtype} (the cuda kernel reads {', '.join(map(str, _TS_CODES))})")
     if noise is not None and noise.dtype not in (torch.float32, args[0].dtype):
         why.append(f"noise dtype {noise.dtype} (the cuda kernel reads float32 or the sample's dtype)")
+    if args[1].dtype != args[0].dtype:
+        why.append(f"model_output dtype {args[1].dtype} differs from sample dtype {args[0].dtype}")
+    for name, t in (("guidance", args[8]), ("model_scale", args[9]), ("threshold", args[12])):
+        if t is not None and t.dtype != torch.float32:
+            why.append(f"{name} must be float32 for the cuda kernel, got {t.dtype}")
     if schedule_timesteps is not None:
         why.append("timesteps searched in a schedule (Euler/DPM per-sample steps) are Triton-only")
     if history is not None:

@@ -223,7 +223,8 @@ def _seq_bwd_fake(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n
 @custom_op("lstm_sequence_backward", fake=_seq_bwd_fake)
 def lstm_sequence_backward(w_hh: Tensor, w_hr: Optional[Tensor], hs: Tensor, cs: Tensor, gates: Tensor, h0: Tensor,
                            c0: Tensor, grad_hs: Tensor, grad_h_n: Tensor, grad_c_n: Tensor,
-                           batch_sizes: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           batch_sizes: Optional[Tensor], backend: str
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``lstm_sequence``: (dxg [T,B,4H], dw_hh, dw_hr (empty without projection), dh0, dc0).
     The recurrence runs on ``backend``; dW_hh = sum_t dG_t^T h_{t-1} and dW_hr are GEMMs after it."""
     dG, dh0, dc0, dH = SEQ_BWD.impl(backend)(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs.contiguous(),
@@ -262,7 +263,8 @@ def _seq_backward(ctx, grad_hs, grad_h_n, grad_c_n, _grad_cs, _grad_gates):
 
 @custom_op("lstm_sequence", fake=_seq_fake, backward=_seq_backward, setup_context=_seq_setup)
 def lstm_sequence(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
-                  batch_sizes: Optional[Tensor], backend: str, train: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  batch_sizes: Optional[Tensor], backend: str, train: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LSTM layer, one direction, forward in time over ``xg`` [T, B, 4H] (see the module doc)."""
     return tuple(SEQ.impl(backend)(xg, w_hh, w_hr, h0, c0, batch_sizes, train))
 
@@ -549,8 +551,8 @@ def _check_lstm(device, dtype):
     (out * g.to(device, dtype)).sum().backward()
     (out64 * g).sum().backward()
     return {"output": (out, out64), "h_n": (h_n, h64), "c_n": (c_n, c64), "grad_input": (x.grad, x64.grad),
-            "grad_weight_hh_l0": (ours.weight_hh_l0.grad, ref_m.weight_hh_l0.grad),
-            "grad_weight_ih_l1": (ours.weight_ih_l1.grad, ref_m.weight_ih_l1.grad)}
+            "grad_w_hh_l0": (ours.weight_hh_l0.grad, ref_m.weight_hh_l0.grad),
+            "grad_w_ih_l1": (ours.weight_ih_l1.grad, ref_m.weight_ih_l1.grad)}
 
 
 @register_check("lstm_cell", tol=_CHECK_TOL)

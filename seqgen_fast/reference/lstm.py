@@ -57,9 +57,9 @@ def cell_backward(dm: torch.Tensor, dc: torch.Tensor, act: torch.Tensor, c_prev:
                   dg_out: torch.Tensor) -> None:
     """Backward of :func:`cell_forward`.
 
-    ``dm`` [n, H] = dL/dm_t, ``dc`` [n, H] (float32, float64 for float64) = dL/dc_t from later steps (overwritten in place
-    with dL/dc_{t-1}), ``act`` [n, 4H] activated gates, ``c_prev``/``c`` [n, H]. Writes ``dg_out``
-    [n, 4H] = dL/dG_t (pre-activation gate gradients):
+    ``dm`` [n, H] = dL/dm_t, ``dc`` [n, H] (float32; float64 for float64) = dL/dc_t from later
+    steps (overwritten in place with dL/dc_{t-1}), ``act`` [n, 4H] activated gates,
+    ``c_prev``/``c`` [n, H]. Writes ``dg_out`` [n, 4H] = dL/dG_t (pre-activation gate gradients):
 
         dc_t' = dc + dm * o * (1 - tanh(c)^2)
         dG^i = dc_t' g i (1 - i),  dG^f = dc_t' c_prev f (1 - f),  dG^g = dc_t' i (1 - g^2),
@@ -139,7 +139,6 @@ def recurrence_backward(w_hh: torch.Tensor, w_hr: torch.Tensor | None, hs: torch
     through unchanged. Weight gradients are GEMMs done by the caller (:func:`weight_grads`).
     """
     T, B, G = gates.shape
-    H = G // 4
     rows = active_rows(batch_sizes, T, B)
     dtype = gates.dtype
     dG = torch.zeros(T, B, G, dtype=dtype, device=gates.device)
