@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common import Case
+from common import Case, load_family
 
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
                  "sdpa-efficient": "EFFICIENT_ATTENTION"}
@@ -63,6 +63,4 @@ def cases(mode: str):
                            _setup(batch, heads, seq, dim, dtype, causal, backward), anchor="sdpa-cudnn",
                            flops=fwd_flops * (3.5 if backward else 1.0))
     if (Path(__file__).resolve().parent / "bench_decode.py").exists():
-        import bench_decode
-
-        yield from bench_decode.cases(mode)
+        yield from load_family("decode").cases(mode)

@@ -2,11 +2,13 @@
 
 Provider "torch" is ``seqgen_fast.reference.sampling.sample_tokens`` on the GPU -- what
 transformers' generate does per step: scale, ``torch.topk`` for top-k, a full ``torch.sort`` +
-``cumsum`` for top-p, ``softmax`` and ``torch.multinomial`` (about ten eager kernels). "ours" is one
-``torch.randint`` for the seed plus one fused kernel. Bytes = the logits read once (the floor is
-bytes / 3.0 TB/s; ours reads the row several times, from L2 after the first pass). Eager timing
-(no CUDA graph): each call draws from the default CUDA generator. Inputs are not rotated: the
-largest case (B64 x 128256 fp32, 33 MB) fits in the H100's 50 MB L2, as a fresh LM-head output does.
+``cumsum`` for top-p, ``softmax`` and ``torch.multinomial`` (about ten eager kernels). "ours" is
+one ``torch.randint`` for the seed plus the fused kernel (two kernels with the two-stage top-k,
+which it picks for these vocabularies); "ours-1stage" forces the single-stage kernel, to tune that
+choice. Bytes = the logits read once (the floor is bytes / 3.0 TB/s; ours reads the row several
+times, from L2 after the first pass). Eager timing (no CUDA graph): each call draws from the
+default CUDA generator. Inputs are not rotated: the largest case (B64 x 128256 fp32, 33 MB) fits
+in the H100's 50 MB L2, as a fresh LM-head output does.
 """
 from __future__ import annotations
 
@@ -27,8 +29,16 @@ def _setup(batch: int, vocab: int, dtype: torch.dtype, kwargs: dict):
         from seqgen_fast.reference import sampling as reference
 
         logits = (torch.randn(batch, vocab, device="cuda") * 3).to(dtype)
-        return {"ours": lambda: sample_tokens(logits, **kwargs),
-                "torch": lambda: reference.sample_tokens(logits, **kwargs)}
+        fns = {"ours": lambda: sample_tokens(logits, **kwargs),
+               "torch": lambda: reference.sample_tokens(logits, **kwargs)}
+        if "top_k" in kwargs:  # ours picks the two-stage top-k here; time the single stage beside it
+            from seqgen_fast.kernels import sampling as kernel
+            from seqgen_fast.ops.sampling import draw_seed
+
+            t, k, p = kwargs["temperature"], kwargs["top_k"], kwargs.get("top_p", 1.0)
+            fns["ours-1stage"] = lambda: kernel.sample_tokens(logits, draw_seed(logits.device, None), t, k, p,
+                                                              segment=0)
+        return fns
 
     return setup
 

@@ -55,6 +55,12 @@ struct SmemLayout {
   }
 };
 
+// The block's dynamic shared memory (16-byte aligned).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  return smem_bytes;
+}
+
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // tanh through exp: under --use_fast_math tanhf becomes tanh.approx.f32 (relative error 2^-11, too
@@ -111,6 +117,36 @@ __device__ __forceinline__ void dot_accumulate(float (&acc)[RT][BT], const TA* c
   }
 }
 
+// One halving stage of warp_reduce_scatter over the first n of N values, at lane offset 16 * n / N:
+// a lane keeps one half of its values (the upper when its offset bit is set), sends the other to its
+// partner and adds what the partner sent; then the next stage on the kept half.
+template <int N, int n>
+__device__ __forceinline__ void halving_stages(float (&v)[N], int lane) {
+  if constexpr (n > 1) {
+    constexpr int kOff = 16 * n / N;
+    const bool upper = (lane & kOff) != 0;
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) {
+      const float send = upper ? v[i] : v[i + n / 2];
+      const float keep = upper ? v[i + n / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kOff);
+    }
+    halving_stages<N, n / 2>(v, lane);
+  }
+}
+
+// Sums each of the N (a power of two <= 32) values over the warp's lanes by recursive halving,
+// N-1 + log2(32/N) shuffles in all instead of 5N. Lane l returns the total of value l / (32 / N).
+template <int N>
+__device__ __forceinline__ float warp_reduce_scatter(float (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N must be a power of two <= 32");
+  halving_stages<N, N>(v, lane);
+  float s = v[0];
+#pragma unroll
+  for (int off = 16 / N; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+  return s;
+}
+
 // Runs every (tile, k-part) of a rows x batch_tile product over the block's warps. dot(acc, r0, b0,
 // start, stride) accumulates one tile's lane share; the warp-reduced sums go to
 // part[(p * batch_tile + b) * rows + r].
@@ -127,16 +163,15 @@ __device__ __forceinline__ void block_tiles(Dot&& dot, int rows, int batch_tile,
 #pragma unroll
       for (int b = 0; b < BT; ++b) acc[r][b] = 0.f;
     dot(acc, r0, b0, (p * 32 + lane) * VEC, ksplit * 32 * VEC);
+    float flat[RT * BT];
 #pragma unroll
-    for (int r = 0; r < RT; ++r)
-#pragma unroll
-      for (int b = 0; b < BT; ++b)
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) acc[r][b] += __shfl_xor_sync(0xffffffffu, acc[r][b], off);
-    float* out = part + (static_cast<size_t>(p) * batch_tile + b0) * rows + r0;
-#pragma unroll
-    for (int i = 0; i < RT * BT; ++i)
-      if (lane == i) out[(i % BT) * rows + i / BT] = acc[i / BT][i % BT];
+    for (int i = 0; i < RT * BT; ++i) flat[i] = acc[i / BT][i % BT];
+    const float total = warp_reduce_scatter(flat, lane);
+    constexpr int kLanesPerValue = 32 / (RT * BT);
+    if (lane % kLanesPerValue == 0) {
+      const int i = lane / kLanesPerValue;  // value i is acc[i / BT][i % BT]
+      part[(static_cast<size_t>(p) * batch_tile + b0 + i % BT) * rows + r0 + i / BT] = total;
+    }
   }
 }
 
@@ -173,7 +208,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) lstm_sequence_forward_kernel(F
   const int H = p.H, B = p.B, U = p.units, rows = 4 * U, k_pad = p.k_pad, tile_b = p.batch_tile;
   const int j0 = blockIdx.x * U;
   const SmemLayout lay(rows, k_pad, tile_b, p.ksplit, B, U, sizeof(T), sizeof(T));
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   T* w_s = reinterpret_cast<T*>(smem);
   T* x_s = reinterpret_cast<T*>(smem + lay.x);
   float* part = reinterpret_cast<float*>(smem + lay.part);
@@ -264,7 +299,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) lstm_sequence_backward_kernel(
   const int k_pad = p.k_pad, tile_b = p.batch_tile;
   const int j0 = blockIdx.x * U;
   const SmemLayout lay(rows, k_pad, tile_b, p.ksplit, B, U, sizeof(T), sizeof(float));
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   T* w_s = reinterpret_cast<T*>(smem);  // [rows][k_pad]: row u = column j0+u of W_hh
   float* x_s = reinterpret_cast<float*>(smem + lay.x);
   float* part = reinterpret_cast<float*>(smem + lay.part);
@@ -354,7 +389,7 @@ template <typename T, int VEC, int BT>
 __global__ void __launch_bounds__(kCellThreads) lstm_cell_kernel(CellParams p) {
   const int H = p.H, B = p.B, I = p.I, U = p.units, rows = 4 * U, tile_b = p.batch_tile;
   const int j0 = blockIdx.x * U;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_smem();
   float* part = reinterpret_cast<float*>(smem);
   const T* x = static_cast<const T*>(p.x);
   const T* h = static_cast<const T*>(p.h);
@@ -479,8 +514,8 @@ void launch_cooperative(const char* what, Kernel kernel, const SequencePlan& pla
                              " per SM x " + std::to_string(sms) + " SMs); a cooperative launch needs that");
   }
   void* args[] = {&params};
-  SEQGEN_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.blocks),
-                                                dim3(plan.threads), args, smem, as_stream(stream)));
+  SEQGEN_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(plan.threads), args, smem,
+                                                as_stream(stream)));
 }
 
 SequencePlan checked_plan(const char* what, int device, int dtype, int64_t batch, int64_t hidden, bool backward,
@@ -550,7 +585,9 @@ void sequence_forward(int device, int dtype, int64_t seq_len, int64_t batch, int
   require_size(what, "hidden", hidden, 1);
   const NamedPtr ptrs[] = {{"xg", xg}, {"w_hh", w_hh}, {"h0", h0}, {"c0", c0}, {"hs", hs}, {"h_n", h_n}, {"c_n", c_n}};
   for (const auto& [name, ptr] : ptrs) require_ptr(what, name, ptr);
-  if ((cs == 0) != (gates == 0)) throw std::invalid_argument(std::string(what) + ": cs and gates must both be given (training) or both be 0");
+  if ((cs == 0) != (gates == 0)) {
+    throw std::invalid_argument(std::string(what) + ": cs and gates must both be given (training) or both be 0");
+  }
   DeviceGuard guard(device);
   DeviceFacts facts;
   const SequencePlan plan = checked_plan(what, device, dtype, batch, hidden, false, &facts);
@@ -560,8 +597,8 @@ void sequence_forward(int device, int dtype, int64_t seq_len, int64_t batch, int
                     plan.batch_tile, plan.ksplit, plan.k_pad};
   dispatch_float_types(dtype, what, [&](auto tag) {
     using T = decltype(tag);
-    if (plan.batch_step == 4) launch_cooperative(what, lstm_sequence_forward_kernel<T, 4>, plan, facts.sms, prm, stream);
-    else launch_cooperative(what, lstm_sequence_forward_kernel<T, 1>, plan, facts.sms, prm, stream);
+    auto kernel = plan.batch_step == 4 ? lstm_sequence_forward_kernel<T, 4> : lstm_sequence_forward_kernel<T, 1>;
+    launch_cooperative(what, kernel, plan, facts.sms, prm, stream);
   });
 }
 
@@ -587,8 +624,8 @@ void sequence_backward(int device, int dtype, int64_t seq_len, int64_t batch, in
                      static_cast<int>(hidden), plan.units, plan.batch_tile, plan.ksplit, plan.k_pad};
   dispatch_float_types(dtype, what, [&](auto tag) {
     using T = decltype(tag);
-    if (plan.batch_step == 4) launch_cooperative(what, lstm_sequence_backward_kernel<T, 4>, plan, facts.sms, prm, stream);
-    else launch_cooperative(what, lstm_sequence_backward_kernel<T, 1>, plan, facts.sms, prm, stream);
+    auto kernel = plan.batch_step == 4 ? lstm_sequence_backward_kernel<T, 4> : lstm_sequence_backward_kernel<T, 1>;
+    launch_cooperative(what, kernel, plan, facts.sms, prm, stream);
   });
 }
 
@@ -632,8 +669,8 @@ void cell_step(int device, int dtype, int64_t batch, int64_t input_size, int64_t
     constexpr int V = 16 / sizeof(T);
     auto kernel = aligned ? (step == 4 ? lstm_cell_kernel<T, V, 4> : lstm_cell_kernel<T, V, 1>)
                           : (step == 4 ? lstm_cell_kernel<T, 1, 4> : lstm_cell_kernel<T, 1, 1>);
-    kernel<<<blocks, kCellThreads, smem, as_stream(stream)>>>(prm);
-    SEQGEN_CHECK_LAUNCH(what);
+    void* args[] = {&prm};
+    SEQGEN_CUDA_CHECK(cudaLaunchKernel(kernel, dim3(blocks), dim3(kCellThreads), args, smem, as_stream(stream)));
   });
 }
 

@@ -139,10 +139,10 @@ def main(argv=None) -> int:
     kw = dict(temperature=args.temperature, top_k=args.top_k)
     gen_plain = torch.Generator(device=device).manual_seed(args.seed)
     gen_fast = torch.Generator(device=device).manual_seed(args.seed)
-    t_plain, s_plain = timed(lambda: generate(plain, prompt, n, lambda x: plain_sample_tokens(x, generator=gen_plain, **kw),
-                                              quiet, "sampling"), device, args.repeats)
-    t_fast, s_fast = timed(lambda: generate(fast, prompt, n, lambda x: sample_tokens(x, generator=gen_fast, **kw),
-                                            quiet, "sampling"), device, args.repeats)
+    plain_sampler = lambda x: plain_sample_tokens(x, generator=gen_plain, **kw)  # noqa: E731
+    fast_sampler = lambda x: sample_tokens(x, generator=gen_fast, **kw)  # noqa: E731
+    t_plain, s_plain = timed(lambda: generate(plain, prompt, n, plain_sampler, quiet, "sampling"), device, args.repeats)
+    t_fast, s_fast = timed(lambda: generate(fast, prompt, n, fast_sampler, quiet, "sampling"), device, args.repeats)
     rows.append(Row(f"generate {n} chars, T={args.temperature} k={args.top_k}", t_plain, t_fast, n, "tok", None, None))
     synchronize(device)
 

@@ -6,8 +6,10 @@ functions give reasons, and the C++ launchers reject bad arguments before touchi
 With `-m gpu`: forward, backward and the cell step against float64 loops/torch.nn.LSTMCell,
 outputs poisoned with NaN beforehand, and the cell step replayed from a CUDA graph.
 """
+import ctypes
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -70,6 +72,17 @@ def test_plan_refuses_what_does_not_fit_and_names_the_sizes():
     assert lstm_cuda.sequence_plan(F32, 1024, 1, backward=False, device_facts=H100)["reason"] == ""
     assert lstm_cuda.sequence_plan(F32, 1024, 1, backward=False, device_facts=A100)["reason"]
     assert lstm_cuda.sequence_plan(F16, 1024, 1, backward=False, device_facts=A100)["reason"] == ""
+
+
+@needs_c
+def test_plan_stages_the_batch_in_passes_when_shared_memory_is_short():
+    # the configuration of the emulated test below: 4 SMs, 12000 bytes per block, H=40, B=17, fp32
+    facts = {"multiprocessor_count": 4, "shared_memory_per_block_optin": 12000}
+    fwd = lstm_cuda.sequence_plan(F32, 40, 17, backward=False, device_facts=facts)
+    bwd = lstm_cuda.sequence_plan(F32, 40, 17, backward=True, device_facts=facts)
+    assert (fwd["units"], fwd["blocks"], fwd["batch_tile"], fwd["ksplit"]) == (10, 4, 12, 1)
+    assert (bwd["batch_tile"], bwd["ksplit"], bwd["k_pad"]) == (4, 5, 160)
+    assert fwd["smem_bytes"] <= 12000 and bwd["smem_bytes"] <= 12000
 
 
 @needs_c
@@ -150,7 +163,7 @@ def test_csrc_launchers_validate_arguments_before_touching_a_device():
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU: against float64 references
+# References and inputs shared by the emulated and the GPU tests
 # ----------------------------------------------------------------------------------------------
 # Backward reads the activations saved in the layer dtype (gates, c_t) and multiplies up to four
 # of them per gradient: a few roundings of 2^-11 (fp16) / 2^-8 (bf16) more than the forward.
@@ -169,16 +182,293 @@ def _ref_loop(xg, w_hh, h0, c0):
     return torch.stack(hs), h, c, torch.stack(cs), torch.stack(acts)
 
 
-def _inputs(T, B, H, dtype):
+def _inputs_on(device, T, B, H, dtype):
     """torch.nn.LSTM-like scales: W_hh ~ U(-1/sqrt(H), 1/sqrt(H)), xg of a unit-variance input."""
     k = H ** -0.5
-    w_hh = (torch.rand(4 * H, H, device="cuda") * 2 - 1).mul_(k).to(dtype)
-    xg = torch.randn(T, B, 4 * H, device="cuda").to(dtype)
-    h0 = (0.5 * torch.randn(B, H, device="cuda")).to(dtype)
-    c0 = torch.randn(B, H, device="cuda").to(dtype)
+    w_hh = (torch.rand(4 * H, H, device=device) * 2 - 1).mul_(k).to(dtype)
+    xg = torch.randn(T, B, 4 * H, device=device).to(dtype)
+    h0 = (0.5 * torch.randn(B, H, device=device)).to(dtype)
+    c0 = torch.randn(B, H, device=device).to(dtype)
     return xg, w_hh, h0, c0
 
 
+def _inputs(T, B, H, dtype):
+    return _inputs_on("cuda", T, B, H, dtype)
+
+
+def _ref_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    cell = torch.nn.LSTMCell(x.shape[1], h.shape[1], bias=b_ih is not None, dtype=torch.float64)
+    with torch.no_grad():
+        cell.weight_ih.copy_(w_ih.double().cpu())
+        cell.weight_hh.copy_(w_hh.double().cpu())
+        if b_ih is not None:
+            cell.bias_ih.copy_(b_ih.double().cpu())
+            cell.bias_hh.copy_(b_hh.double().cpu())
+        return cell(x.double().cpu(), (h.double().cpu(), c.double().cpu()))
+
+
+def _cell_inputs_on(device, B, I, H, dtype, bias):
+    k = H ** -0.5
+    u = lambda *s: ((torch.rand(*s, device=device) * 2 - 1) * k).to(dtype)  # noqa: E731
+    return (torch.randn(B, I, device=device).to(dtype), (0.5 * torch.randn(B, H, device=device)).to(dtype),
+            torch.randn(B, H, device=device).to(dtype), u(4 * H, I), u(4 * H, H),
+            u(4 * H) if bias else None, u(4 * H) if bias else None)
+
+
+def _cell_inputs(B, I, H, dtype, bias):
+    return _cell_inputs_on("cuda", B, I, H, dtype, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: the kernels of csrc/lstm.cu run on the host under a SIMT emulation
+# ----------------------------------------------------------------------------------------------
+# g++ compiles csrc/lstm.cu against the stand-in CUDA headers below: every CUDA thread is a host
+# thread; __syncthreads, grid.sync and each warp shuffle are std::barrier waits. The kernels take
+# any blockDim that is a multiple of 32, so blocks of 32/64 threads keep this fast. Shared memory is
+# filled with NaN bytes before launch and checked for writes past the planned size afterwards;
+# a grid larger than the (emulated) SM count fails like a cooperative launch would. This checks
+# indexing, tiling, k-splits, staging and barriers; it cannot check L1/L2 coherence or timing.
+_EMU_RUNTIME = r"""
+#pragma once
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
+struct uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+typedef int cudaError_t;
+constexpr int cudaSuccess = 0;
+typedef void* cudaStream_t;
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrCooperativeLaunch };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+inline const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+inline cudaError_t cudaGetLastError() { return 0; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return 0; }
+inline cudaError_t cudaSetDevice(int) { return 0; }
+extern int emu_sms, emu_smem_optin, emu_threads;
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMultiProcessorCount ? emu_sms : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu_smem_optin : 1;
+  return 0;
+}
+template <class F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return 0; }
+template <class F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F, int, size_t) { *n = 1; return 0; }
+extern thread_local dim3 threadIdx, blockIdx, blockDim;
+extern thread_local unsigned char* emu_smem_ptr;
+extern thread_local std::barrier<>* emu_block_bar;
+extern thread_local std::barrier<>* emu_warp_bar;
+extern thread_local std::barrier<>* emu_grid_bar;
+extern thread_local float* emu_warp_buf;
+inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int off) {
+  const int lane = threadIdx.x % 32;
+  emu_warp_buf[lane] = v;
+  emu_warp_bar->arrive_and_wait();
+  const float r = emu_warp_buf[lane ^ off];
+  emu_warp_bar->arrive_and_wait();
+  return r;
+}
+inline float __ldcg(const float* p) { return *p; }
+inline unsigned short __ldcg(const unsigned short* p) { return *p; }
+inline uint4 __ldcg(const uint4* p) { return *p; }
+inline float __expf(float x) { return std::exp(x); }
+using std::min;
+template <class P>
+cudaError_t emu_launch(void (*kernel)(P), unsigned blocks, size_t smem, P prm, bool cooperative) {
+  if (cooperative && blocks > unsigned(emu_sms)) throw std::runtime_error("cooperative grid larger than the SM count");
+  if (smem > size_t(cooperative ? emu_smem_optin : 48 * 1024)) throw std::runtime_error("shared memory over the limit");
+  const int threads = emu_threads, warps = int(blocks) * threads / 32;
+  std::barrier<> grid(int(blocks) * threads);
+  std::vector<std::unique_ptr<std::barrier<>>> bbar, wbar;
+  std::vector<std::vector<unsigned char>> mem(blocks, std::vector<unsigned char>(smem + 64, 0xFF));
+  std::vector<float> wbuf(size_t(warps) * 32);
+  for (unsigned b = 0; b < blocks; ++b) bbar.emplace_back(new std::barrier<>(threads));
+  for (int w = 0; w < warps; ++w) wbar.emplace_back(new std::barrier<>(32));
+  std::vector<std::thread> ts;
+  for (unsigned b = 0; b < blocks; ++b)
+    for (int t = 0; t < threads; ++t)
+      ts.emplace_back([&, b, t] {
+        threadIdx = dim3(t); blockIdx = dim3(b); blockDim = dim3(threads);
+        emu_smem_ptr = mem[b].data();
+        emu_block_bar = bbar[b].get();
+        emu_warp_bar = wbar[(b * threads + t) / 32].get();
+        emu_warp_buf = wbuf.data() + (b * threads + t) / 32 * 32;
+        emu_grid_bar = cooperative ? &grid : nullptr;
+        kernel(prm);
+      });
+  for (auto& t : ts) t.join();
+  for (auto& m : mem)
+    for (size_t i = smem; i < m.size(); ++i)
+      if (m[i] != 0xFF) throw std::runtime_error("a kernel wrote past its planned shared memory");
+  return 0;
+}
+template <class P>
+cudaError_t cudaLaunchCooperativeKernel(void (*k)(P), dim3 g, dim3, void** args, size_t smem, cudaStream_t) {
+  return emu_launch(k, g.x, smem, *static_cast<P*>(args[0]), true);
+}
+template <class P>
+cudaError_t cudaLaunchKernel(void (*k)(P), dim3 g, dim3, void** args, size_t smem, cudaStream_t) {
+  return emu_launch(k, g.x, smem, *static_cast<P*>(args[0]), false);
+}
+"""
+_EMU_HEADERS = {
+    "cuda_runtime.h": _EMU_RUNTIME,
+    "cooperative_groups.h": """#pragma once
+#include "cuda_runtime.h"
+namespace cooperative_groups {
+struct grid_group {
+  void sync() { if (!emu_grid_bar) throw std::runtime_error("grid.sync outside a cooperative launch"); emu_grid_bar->arrive_and_wait(); }
+};
+inline grid_group this_grid() { return {}; }
+}
+""",
+    "cuda_fp16.h": """#pragma once
+#include "cuda_runtime.h"
+struct __half { _Float16 v; };
+inline float __half2float(__half h) { return float(h.v); }
+inline __half __float2half_rn(float f) { return {_Float16(f)}; }
+inline __half __ushort_as_half(unsigned short u) { __half h; std::memcpy(&h, &u, 2); return h; }
+""",
+    "cuda_bf16.h": """#pragma once
+#include "cuda_runtime.h"
+struct __nv_bfloat16 { unsigned short x; };
+inline float __bfloat162float(__nv_bfloat16 h) { unsigned u = unsigned(h.x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  unsigned u; std::memcpy(&u, &f, 4); u += 0x7FFF + ((u >> 16) & 1); return {(unsigned short)(u >> 16)};
+}
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
+""",
+    "emu_main.cpp": """#include "cuda_runtime.h"
+#include "lstm.h"
+int emu_sms = 1, emu_smem_optin = 0, emu_threads = 32;
+thread_local dim3 threadIdx, blockIdx, blockDim;
+thread_local unsigned char* emu_smem_ptr;
+thread_local std::barrier<>* emu_block_bar;
+thread_local std::barrier<>* emu_warp_bar;
+thread_local std::barrier<>* emu_grid_bar;
+thread_local float* emu_warp_buf;
+static char emu_error[1024];
+extern "C" const char* emu_error_message() { return emu_error; }
+extern "C" void emu_config(int sms, int smem, int threads) { emu_sms = sms; emu_smem_optin = smem; emu_threads = threads; }
+#define EMU_CALL(body) try { body; return 0; } catch (std::exception& e) { std::snprintf(emu_error, sizeof emu_error, "%s", e.what()); return 1; }
+using u = std::uintptr_t;
+extern "C" int emu_forward(int dt, long T, long B, long H, u xg, u w, u h0, u c0, u hs, u hn, u cn, u cs, u g) {
+  EMU_CALL(seqgen::lstm::sequence_forward(0, dt, T, B, H, xg, w, h0, c0, hs, hn, cn, cs, g, 0))
+}
+extern "C" int emu_backward(int dt, long T, long B, long H, u w, u cs, u g, u c0, u ghs, u ghn, u gcn, u gg, u gh0, u gc0) {
+  EMU_CALL(seqgen::lstm::sequence_backward(0, dt, T, B, H, w, cs, g, c0, ghs, ghn, gcn, gg, gh0, gc0, 0))
+}
+extern "C" int emu_cell(int dt, long B, long I, long H, u x, u h, u c, u wih, u whh, u bih, u bhh, u h1, u c1) {
+  EMU_CALL(seqgen::lstm::cell_step(0, dt, B, I, H, x, h, c, wih, whh, bih, bhh, h1, c1, 0))
+}
+""",
+}
+_CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """csrc/lstm.cu built for the host against the emulation headers, loaded through ctypes."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the host emulation of the CUDA kernels")
+    d = tmp_path_factory.mktemp("lstm_emu")
+    for name, text in _EMU_HEADERS.items():
+        (d / name).write_text(text)
+    src = open(os.path.join(_CSRC, "lstm.cu")).read()
+    smem_decl = "extern __shared__ __align__(16) unsigned char smem_bytes[];\n  return smem_bytes;"
+    assert src.count(smem_decl) == 1, "dynamic_smem() changed: update the emulation"
+    (d / "lstm_host.cpp").write_text(src.replace(smem_decl, "return emu_smem_ptr;"))
+    lib = d / "liblstm_emu.so"
+    build = subprocess.run([cxx, "-std=c++20", "-O1", "-fPIC", "-shared", f"-I{d}", f"-I{_CSRC}",
+                            str(d / "lstm_host.cpp"), str(d / "emu_main.cpp"), "-o", str(lib), "-lpthread"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    h = ctypes.CDLL(str(lib))
+    h.emu_error_message.restype = ctypes.c_char_p
+    h.emu_config.argtypes = [ctypes.c_int] * 3
+    for name, n in (("emu_forward", 9), ("emu_backward", 10), ("emu_cell", 9)):
+        getattr(h, name).argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long] + [ctypes.c_size_t] * n
+
+    def call(name, *args):
+        if getattr(h, name)(*[a.data_ptr() if isinstance(a, torch.Tensor) else (0 if a is None else a) for a in args]):
+            raise RuntimeError(h.emu_error_message().decode())
+    call.config = h.emu_config
+    return call
+
+
+def _nan(*shape, dtype):
+    return poison(torch.empty(*shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("T,B,H,dtype,sms,smem,threads,offset_h0", [
+    (3, 1, 33, F16, 4, 232448, 64, False),   # partial last block, ksplit > 1, scalar staging (33 % 8)
+    (2, 6, 64, BF16, 3, 232448, 32, False),  # 4-row batch tiles, one warp looping over every tile
+    (2, 17, 40, F32, 4, 12000, 32, True),    # batch staged in passes (12 + 5 rows fwd, 4 at a time bwd);
+])                                           # h0 misaligned: scalar staging at t=0, 16-byte loads after
+def test_emulated_sequence_forward_backward_match_float64(emu, T, B, H, dtype, sms, smem, threads, offset_h0):
+    emu.config(sms, smem, threads)
+    xg, w_hh, h0, c0 = (t.cpu() for t in _inputs_on("cpu", T, B, H, dtype))
+    if offset_h0:
+        h0 = torch.cat([torch.zeros(1, dtype=dtype), h0.flatten()])[1:].view(B, H)
+    hs, h_n, c_n, cs, gates = (_nan(T, B, H, dtype=dtype), _nan(B, H, dtype=dtype), _nan(B, H, dtype=dtype),
+                               _nan(T, B, H, dtype=dtype), _nan(T, B, 4 * H, dtype=dtype))
+    emu("emu_forward", CODE[dtype], T, B, H, xg, w_hh, h0, c0, hs, h_n, c_n, cs, gates)
+    ref = _ref_loop(*(t.double() for t in (xg, w_hh, h0, c0)))
+    for name, ours, want in zip(("hs", "h_n", "c_n", "cs", "gates"), (hs, h_n, c_n, cs, gates), ref):
+        assert_close_rel(ours, want, TOL[dtype], f"emulated {name}")
+
+    g_hs, g_hn, g_cn = (torch.randn(s).to(dtype) for s in ((T, B, H), (B, H), (B, H)))
+    d_gates, d_h0, d_c0 = _nan(T, B, 4 * H, dtype=F32), _nan(B, H, dtype=dtype), _nan(B, H, dtype=dtype)
+    emu("emu_backward", CODE[dtype], T, B, H, w_hh, cs, gates, c0, g_hs, g_hn, g_cn, d_gates, d_h0, d_c0)
+    leaves = [t.double().requires_grad_() for t in (xg, h0, c0)]
+    r_hs, r_hn, r_cn, _, _ = _ref_loop(leaves[0], w_hh.double(), leaves[1], leaves[2])
+    loss = (r_hs * g_hs.double()).sum() + (r_hn * g_hn.double()).sum() + (r_cn * g_cn.double()).sum()
+    for name, ours, want in zip(("grad_gates", "grad_h0", "grad_c0"), (d_gates, d_h0, d_c0),
+                                torch.autograd.grad(loss, leaves)):
+        assert_close_rel(ours, want, BWD_TOL[dtype], f"emulated {name}")
+
+
+def test_emulated_launch_refuses_a_plan_that_does_not_fit(emu):
+    emu.config(2, 4096, 32)
+    xg, w_hh, h0, c0 = _inputs_on("cpu", 2, 1, 64, F32)
+    out = [torch.empty(s) for s in ((2, 1, 64), (1, 64), (1, 64))]
+    with pytest.raises(RuntimeError, match="shared memory per block"):
+        emu("emu_forward", 0, 2, 1, 64, xg, w_hh, h0, c0, *out, None, None)
+
+
+@pytest.mark.parametrize("B,I,H,dtype,sms,bias,offset_x", [
+    (1, 7, 1, F32, 4, True, False),     # one unit: rows past H repeat the last unit
+    (5, 24, 48, BF16, 3, False, False),  # 16-byte weight loads, two batch tiles of 4, no bias
+    (3, 9, 33, F16, 2, True, True),      # unaligned rows (I = 9, x misaligned): scalar kernel
+])
+def test_emulated_cell_step_matches_float64_lstmcell(emu, B, I, H, dtype, sms, bias, offset_x):
+    emu.config(sms, 232448, 64)
+    args = list(_cell_inputs_on("cpu", B, I, H, dtype, bias))
+    if offset_x:
+        args[0] = torch.cat([torch.zeros(1, dtype=dtype), args[0].flatten()])[1:].view(B, I)
+    h1, c1 = _nan(B, H, dtype=dtype), _nan(B, H, dtype=dtype)
+    emu("emu_cell", CODE[dtype], B, I, H, *args, h1, c1)
+    r_h1, r_c1 = _ref_cell(*args)
+    assert_close_rel(h1, r_h1, TOL[dtype], "emulated h1")
+    assert_close_rel(c1, r_c1, TOL[dtype], "emulated c1")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: against float64 references
+# ----------------------------------------------------------------------------------------------
 def _skip_unless_fits(reasons):
     if any("shared memory" in r for r in reasons):
         pytest.skip("this GPU cannot hold the W_hh slices on chip: " + "; ".join(reasons))
@@ -265,25 +555,6 @@ def test_sequence_empty_sizes_launch_nothing():
     assert d_gates.shape == (0, 3, 64) and torch.equal(d_h0, h0) and not d_c0.any()
 
 
-def _ref_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    cell = torch.nn.LSTMCell(x.shape[1], h.shape[1], bias=b_ih is not None, dtype=torch.float64)
-    with torch.no_grad():
-        cell.weight_ih.copy_(w_ih.double().cpu())
-        cell.weight_hh.copy_(w_hh.double().cpu())
-        if b_ih is not None:
-            cell.bias_ih.copy_(b_ih.double().cpu())
-            cell.bias_hh.copy_(b_hh.double().cpu())
-        return cell(x.double().cpu(), (h.double().cpu(), c.double().cpu()))
-
-
-def _cell_inputs(B, I, H, dtype, bias):
-    k = H ** -0.5
-    u = lambda *s: ((torch.rand(*s, device="cuda") * 2 - 1) * k).to(dtype)  # noqa: E731
-    return (torch.randn(B, I, device="cuda").to(dtype), (0.5 * torch.randn(B, H, device="cuda")).to(dtype),
-            torch.randn(B, H, device="cuda").to(dtype), u(4 * H, I), u(4 * H, H),
-            u(4 * H) if bias else None, u(4 * H) if bias else None)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("B,I,H", [(1, 7, 1), (1, 33, 97), (3, 64, 512), (5, 256, 1024), (32, 1024, 1024),
@@ -301,8 +572,8 @@ def test_cell_step_matches_float64_lstmcell(dtype, B, I, H, bias):
 
 @pytest.mark.gpu
 def test_cell_step_unaligned_rows_take_the_scalar_path():
-    # A column slice of x: rows start 2 bytes apart from 16-byte boundaries (then made contiguous
-    # by the launcher), and I = 9 forces the unvectorised kernel for fp16.
+    # I = 9 (x a column slice, copied contiguous by the launcher) is not a whole number of 16-byte
+    # chunks in fp16: the unvectorised kernel runs.
     args = list(_cell_inputs(4, 10, 64, F16, True))
     args[0] = args[0][:, 1:]
     args[3] = args[3][:, 1:].contiguous()

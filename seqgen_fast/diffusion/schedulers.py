@@ -237,6 +237,13 @@ class FastScheduler:
         self._history: torch.Tensor | None = None
         self._host_schedule: np.ndarray | None = None
         self._graphs: dict = {}   # sampling.sample's captured loops
+        self._name = type(scheduler).__name__
+        cfg = scheduler.config
+        # the x0 clip of the step: 2 dynamic thresholding, 1 clip_sample, 0 none (config is frozen)
+        self._x0_mode = 2 if cfg.get("thresholding", False) else (1 if cfg.get("clip_sample", False) else 0)
+        self._x0_args = dict(clip_range=float(cfg.get("clip_sample_range", 1.0)),
+                             threshold_ratio=float(cfg.get("dynamic_thresholding_ratio", 0.995)),
+                             threshold_max=float(cfg.get("sample_max_value", 1.0)))
         self._reset()
 
     # -- delegation -------------------------------------------------------------------------
@@ -315,7 +322,7 @@ class FastScheduler:
     # -- argument handling ------------------------------------------------------------------
     def _bind(self, model_output, timestep, sample, args, kwargs) -> dict:
         """The wrapped class's step arguments by name, defaults filled in (inspect.Signature.bind, faster)."""
-        name = type(self.scheduler).__name__
+        name = self._name
         names = self._step_params
         if len(args) > len(names) - 3:
             raise TypeError(f"{name}.step: takes {len(names)} arguments, got {len(args) + 3}")
@@ -385,7 +392,7 @@ class FastScheduler:
         """diffusers' ``step`` of the wrapped class, fused (see the class docstring); same output class."""
         from ..ops.diffusion import diffusion_step
 
-        name = type(self.scheduler).__name__
+        name = self._name
         if "variance_noise" in self._step_defaults:
             kwargs["variance_noise"] = variance_noise
         opts = self._bind(model_output, timestep, sample, args, kwargs)
@@ -462,15 +469,9 @@ class FastScheduler:
                 self._history = torch.zeros_like(sample)
             history, read_history = self._history, not first_order
 
-        cfgd = self.scheduler.config
-        thresholding = bool(cfgd.get("thresholding", False))
-        x0_mode = 2 if thresholding else (1 if cfgd.get("clip_sample", False) else 0)
         prev, x0 = diffusion_step(
             sample, model_output, tab.coef, key, ts, sched, cfg=cfg, guidance_scale=gscale, guidance=guidance,
-            guidance_rescale=float(guidance_rescale), x0_mode=x0_mode,
-            clip_range=float(cfgd.get("clip_sample_range", 1.0)),
-            threshold_ratio=float(cfgd.get("dynamic_thresholding_ratio", 0.995)),
-            threshold_max=float(cfgd.get("sample_max_value", 1.0)),
+            guidance_rescale=float(guidance_rescale), x0_mode=self._x0_mode, **self._x0_args,
             history=history, read_history=read_history, noise=noise, noise_mode=noise_mode, seed=self.seed,
             offset=self.offset, write_x0=self.write_x0 and self.kind != "dpmsolver++", backend=self.backend)
         if noise_mode == 2:
@@ -478,7 +479,7 @@ class FastScheduler:
         if self.kind in ("euler", "euler_ancestral", "dpmsolver++") and key >= 0:
             s._step_index += 1
         if self.kind == "dpmsolver++":
-            s.lower_order_nums = min(s.lower_order_nums + 1, cfgd.solver_order)
+            s.lower_order_nums = min(s.lower_order_nums + 1, s.config.solver_order)
         x0 = x0 if self.write_x0 else None
         if self.kind == "dpmsolver++":
             return self._output_cls(prev_sample=prev) if opts["return_dict"] else (prev,)

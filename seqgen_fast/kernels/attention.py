@@ -26,10 +26,14 @@ and every query head of its group, with ``P = 2^(s - lse log2 e)`` recomputed an
 batch*head) accumulates ``dQ = scale sum dS K``.
 
 Head dims up to 256 (E and Ev independently) are padded to a power-of-two block and masked.
-Inputs fp16/bf16 with fp32 accumulation. Block sizes are autotuned per head dim on the GPU; under
-``TRITON_INTERPRET=1`` a single small configuration runs.
+Inputs fp16/bf16 with fp32 accumulation. Block sizes are autotuned on the GPU, keyed on the padded
+head dims and the causal / mask / varlen flags (not on sequence lengths, so new lengths never
+re-tune); the first call of each key benchmarks its candidates, so make it before any CUDA-graph
+capture. Under ``TRITON_INTERPRET=1`` a single small configuration runs.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -70,7 +74,8 @@ def _configs(kind: str):
 
 def _prune(configs, named_args, **kwargs):
     """Drop candidates whose tiles cannot fit shared memory at large head dims."""
-    d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+    meta = {**named_args, **kwargs}  # constexprs passed by keyword arrive in kwargs
+    d = max(meta["BLOCK_D"], meta["BLOCK_DV"])
     if d <= 128:
         return configs
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
@@ -89,12 +94,14 @@ def _dot(a, b):
 
 @triton.jit
 def _bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
-    """(first row of q, q length, first row of k, k length) of sequence ``b``."""
+    """(first row of q, q length, first row of k, k length) of sequence ``b``. Varlen: offsets are
+    clamped into the packed rows (``seqlen_q``/``seqlen_k`` = total rows), so bad cu_seqlens can
+    give wrong sequences but never an access outside q, k, v."""
     if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        q_len = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        k_len = tl.load(CU_K + b + 1) - k_start
+        q_start = tl.minimum(tl.maximum(tl.load(CU_Q + b), 0), seqlen_q)
+        q_len = tl.minimum(tl.maximum(tl.load(CU_Q + b + 1), q_start), seqlen_q) - q_start
+        k_start = tl.minimum(tl.maximum(tl.load(CU_K + b), 0), seqlen_k)
+        k_len = tl.minimum(tl.maximum(tl.load(CU_K + b + 1), k_start), seqlen_k) - k_start
     else:
         q_start = b * 0
         q_len = seqlen_q + b * 0
@@ -112,7 +119,8 @@ def _apply_masks(s, rows, cols, q_len, k_len, shift, mask_base, stride_mm, strid
     [None, :] for a (query, key) tile; the other way round for the transposed tile of dK/dV).
     """
     if HAS_MASK:
-        mv = tl.load(mask_base + rows * stride_mm + cols * stride_mn, mask=(rows < q_len) & (cols < k_len), other=0)
+        mv = tl.load(mask_base + rows.to(tl.int64) * stride_mm + cols * stride_mn,  # L x S can pass 2^31
+                     mask=(rows < q_len) & (cols < k_len), other=0)
         if MASK_BOOL:
             s = tl.where(mv != 0, s, float("-inf"))
         else:
@@ -414,35 +422,40 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K,
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _common(q, k, v, mask, cu_q, max_q, max_k, causal):
-    """Grid sizes, strides of the optional mask, and the constexpr flags shared by all kernels."""
-    varlen = cu_q is not None
-    n_seq = cu_q.numel() - 1 if varlen else q.shape[0]
-    seqlen_q = max_q if varlen else q.shape[2]
-    seqlen_k = max_k if varlen else k.shape[2]
-    if mask is None:
-        mask_arg, mstrides = q, (0, 0, 0, 0)
-    else:
-        mask_arg = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        mstrides = mask_arg.stride()
-    flags = dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_D=block_dim(q.shape[-1]), BLOCK_DV=block_dim(v.shape[-1]),
-                 CAUSAL=causal != NONE, BOTTOM_RIGHT=causal == BOTTOM_RIGHT, HAS_MASK=mask is not None,
-                 MASK_BOOL=mask is not None and mask.dtype == torch.bool, IS_VARLEN=varlen)
-    return n_seq, seqlen_q, seqlen_k, mask_arg, mstrides, flags
-
-
-def _launch(kernel, grid, blocks, *args, **kwargs):
-    """Launch an autotuned kernel, or with fixed ``blocks = (BLOCK_M, BLOCK_N)`` (tests, tuning)."""
-    if blocks is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        kernel.fn[grid](*args, **kwargs, BLOCK_M=blocks[0], BLOCK_N=blocks[1], num_warps=4, num_stages=2)
-
-
 def _batch_strides(t: torch.Tensor, varlen: bool):
     """Strides (b, h, row, d); the batch stride is 0 for packed varlen (rows are global)."""
     s = t.stride()
     return (0 if varlen else s[0], s[1], s[2], s[3])
+
+
+def _common(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal):
+    """Grid extents and the arguments every kernel shares: the mask (broadcast by strides), the
+    cu_seqlens pointers, the row counts and the constexpr flags."""
+    varlen = cu_q is not None
+    n_seq = cu_q.numel() - 1 if varlen else q.shape[0]
+    grid_lens = (max_q, max_k) if varlen else (q.shape[2], k.shape[2])  # rows of the longest sequence
+    if mask is None:
+        mask_arg, mstrides = q, (0, 0, 0, 0)  # never read (HAS_MASK=False)
+    else:
+        mask_arg = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        mstrides = mask_arg.stride()
+    cu = (cu_q, cu_k) if varlen else (q, q)  # never read when dense (IS_VARLEN=False)
+    flags = dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_D=block_dim(q.shape[-1]), BLOCK_DV=block_dim(v.shape[-1]),
+                 CAUSAL=causal != NONE, BOTTOM_RIGHT=causal == BOTTOM_RIGHT, HAS_MASK=mask is not None,
+                 MASK_BOOL=mask is not None and mask.dtype == torch.bool, IS_VARLEN=varlen)
+    # the kernels' row counts: the sequence length (dense) or the packed total (varlen)
+    return n_seq, grid_lens, (mask_arg, *cu), mstrides, (q.shape[2], k.shape[2]), flags
+
+
+def _launch(kernel, grid, blocks, *args, **kwargs):
+    """Launch an autotuned kernel on its tensors' device (Triton launches on the current one), or
+    with fixed ``blocks = (BLOCK_M, BLOCK_N)`` (tests, tuning)."""
+    device = args[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if blocks is None:
+            kernel[grid](*args, **kwargs)
+        else:
+            kernel.fn[grid](*args, **kwargs, BLOCK_M=blocks[0], BLOCK_N=blocks[1], num_warps=4, num_stages=2)
 
 
 def attention_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, blocks=None):
@@ -451,18 +464,20 @@ def attention_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, blocks
     ``blocks``: fixed (BLOCK_M, BLOCK_N) instead of the autotuned choice."""
     B, H, L, _ = q.shape
     varlen = cu_q is not None
-    n_seq, seqlen_q, seqlen_k, mask_arg, mstr, flags = _common(q, k, v, mask, cu_q, max_q, max_k, causal)
+    n_seq, grid_lens, extra, mstr, lens, flags = _common(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal)
     out = new_output(q, v.shape[-1])
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-    cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (q, q)
+    if varlen:  # packed rows past cu_q[-1] belong to no sequence: 0 (as the reference), not garbage
+        out.zero_()
+        lse.fill_(float("-inf"))
+    lstr = (0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2))
 
     def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), n_seq * H)
+        return (triton.cdiv(grid_lens[0], meta["BLOCK_M"]), n_seq * H)
 
-    _launch(_attn_fwd, grid, blocks, q, k, v, out, lse, mask_arg, cu_q_arg, cu_k_arg,
-                    *_batch_strides(q, varlen), *_batch_strides(k, varlen), *_batch_strides(v, varlen),
-                    *_batch_strides(out, varlen), 0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2),
-                    *mstr, seqlen_q, seqlen_k, H, H // k.shape[1], scale * LOG2E, **flags)
+    _launch(_attn_fwd, grid, blocks, q, k, v, out, lse, *extra,
+            *_batch_strides(q, varlen), *_batch_strides(k, varlen), *_batch_strides(v, varlen),
+            *_batch_strides(out, varlen), *lstr, *mstr, *lens, H, H // k.shape[1], scale * LOG2E, **flags)
     return out, lse
 
 
@@ -473,32 +488,29 @@ def attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale
     B, H, L, _ = q.shape
     Hk = k.shape[1]
     varlen = cu_q is not None
-    n_seq, seqlen_q, seqlen_k, mask_arg, mstr, flags = _common(q, k, v, mask, cu_q, max_q, max_k, causal)
-    cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (q, q)
+    n_seq, grid_lens, extra, mstr, lens, flags = _common(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal)
     delta = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     pre_block = 16 if interpret_mode() else 64
-    _bwd_preprocess[(triton.cdiv(L, pre_block), B * H)](
-        out, dout, delta, *out.stride(), *dout.stride(), L, H,
-        DV=v.shape[-1], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=pre_block)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _launch(_bwd_preprocess, (triton.cdiv(L, pre_block), B * H), None, out, dout, delta, *out.stride(),
+            *dout.stride(), L, H, DV=v.shape[-1], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=pre_block)
+    alloc = torch.zeros_like if varlen else torch.empty_like  # varlen: rows outside every sequence get 0
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
     lstr = (0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2))
-    common = (seqlen_q, seqlen_k)
+    qkv_do = (*_batch_strides(q, varlen), *_batch_strides(k, varlen), *_batch_strides(v, varlen),
+              *_batch_strides(dout, varlen))
 
     def grid_kv(meta):
-        return (triton.cdiv(seqlen_k, meta["BLOCK_N"]), n_seq * Hk)
+        return (triton.cdiv(grid_lens[1], meta["BLOCK_N"]), n_seq * Hk)
 
-    _launch(_attn_bwd_dkdv, grid_kv, blocks and blocks["dkdv"], q, k, v, dout, dk, dv, lse, delta, mask_arg, cu_q_arg, cu_k_arg,
-                            *_batch_strides(q, varlen), *_batch_strides(k, varlen), *_batch_strides(v, varlen),
-                            *_batch_strides(dout, varlen), *_batch_strides(dk, varlen), *_batch_strides(dv, varlen),
-                            *lstr, *mstr, *common, Hk, H // Hk, scale, scale * LOG2E, **flags)
+    _launch(_attn_bwd_dkdv, grid_kv, blocks and blocks["dkdv"], q, k, v, dout, dk, dv, lse, delta, *extra, *qkv_do,
+            *_batch_strides(dk, varlen), *_batch_strides(dv, varlen), *lstr, *mstr, *lens, Hk, H // Hk,
+            scale, scale * LOG2E, **flags)
 
     def grid_q(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), n_seq * H)
+        return (triton.cdiv(grid_lens[0], meta["BLOCK_M"]), n_seq * H)
 
-    _launch(_attn_bwd_dq, grid_q, blocks and blocks["dq"], q, k, v, dout, dq, lse, delta, mask_arg, cu_q_arg, cu_k_arg,
-                         *_batch_strides(q, varlen), *_batch_strides(k, varlen), *_batch_strides(v, varlen),
-                         *_batch_strides(dout, varlen), *_batch_strides(dq, varlen),
-                         *lstr, *mstr, *common, H, H // Hk, scale, scale * LOG2E, **flags)
+    _launch(_attn_bwd_dq, grid_q, blocks and blocks["dq"], q, k, v, dout, dq, lse, delta, *extra, *qkv_do,
+            *_batch_strides(dq, varlen), *lstr, *mstr, *lens, H, H // Hk, scale, scale * LOG2E, **flags)
     return dq, dk, dv
 
 

@@ -170,7 +170,8 @@ def sequence_forward(xg: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0:
     else:
         if len(out) != len(shapes):
             raise ValueError(f"{what}: out must hold {len(shapes)} tensors (train={train}), got {len(out)}")
-        outs = [_check_out(what, n, t, xg, s, xg.dtype) for n, t, s in zip(("hs", "h_n", "c_n", "cs", "gates"), out, shapes)]
+        names = ("hs", "h_n", "c_n", "cs", "gates")
+        outs = [_check_out(what, n, t, xg, s, xg.dtype) for n, t, s in zip(names, out, shapes)]
     hs, h_n, c_n = outs[:3]
     cs, gates = outs[3:] if train else (xg.new_empty(0), xg.new_empty(0))
     if T == 0 or B == 0 or H == 0:

@@ -1,9 +1,9 @@
-"""Fused token sampling in Triton: temperature, top-k, top-p and the draw in one kernel, no sort.
+"""Fused token sampling in Triton: temperature, top-k, top-p and the draw, fused, no sort.
 
 Layout: ``logits`` (R, V) with unit stride along V (any row stride), float16/bfloat16/float32;
 ``out`` (R,) int64; ``seed`` a 1-element int64 device tensor. One program owns ``ROWS`` rows
-(``ROWS = 1`` for large vocabularies) and streams each row in chunks of ``BLOCK_V`` columns (up to 4096); every
-per-row quantity below is a ``[ROWS]`` vector. All math is float32.
+(``ROWS = 1`` for large vocabularies) and streams each row in chunks of ``BLOCK_V`` (up to 4096)
+columns; every per-row quantity below is a ``[ROWS]`` vector. All math is float32.
 
 Per row, with ``s = x * float32(1/T)`` and the order-preserving integer key
 ``key(s) = bits(s) ^ ((bits(s) >> 31) & 0x7fffffff)`` (signed int32 order = float order):
@@ -32,6 +32,16 @@ Per row, with ``s = x * float32(1/T)`` and the order-preserving integer key
    sum of ``exp(s - m)`` (``tl.cumsum`` within a chunk, carried across chunks) exceeds ``u * Z``.
    float32 running sums: a token's probability is off by at most ~1e-6 of the row's mass.
    Greedy (``T = 0``) is one pass: the first index of ``max s``.
+
+Two-stage top-k for long rows (``V >= 4 * SEG``, ``k <= 512``; see ``_segments``): one program per
+row leaves most SMs idle at small batch, so stage 1 (``_segment_topk_kernel``, one program per
+(row, segment of ``SEG`` columns)) runs step 2 on its segment alone and copies every token with
+key >= the segment's k-th largest key (in column order) into ``CAP = next_pow2(k)`` slots of a
+candidate buffer. The row's top-k tokens are all among the candidates (a segment's k-th largest is
+at most the row's), so stage 2 (this kernel with ``COMPACT``) runs steps 1-5 on the
+``NSEG * CAP`` candidates -- the same threshold, nucleus and, for the same seed, the same draw --
+and maps the chosen slot back to its column. A segment whose ties overflow ``CAP``, or holding a
+NaN/``+inf``, flags its row, which stage 2 then samples from its full logits.
 
 Nothing reads back to the host: the seed arrives in device memory, so a captured CUDA graph
 replays fresh draws when the generator advances the seed tensor.
@@ -304,21 +314,30 @@ def sample_tokens(logits: torch.Tensor, seed: torch.Tensor | None, temperature: 
         cand, cand_idx, flags, ncand, nseg = logits, out, out, 0, 0
         rows, block, warps = _config(R, V, block_v)
     else:
-        seg, nseg, cap = plan
-        ncand = nseg * cap
-        cand = torch.empty(R, ncand, dtype=logits.dtype, device=logits.device)
-        cand_idx = torch.empty(R, ncand, dtype=torch.int32, device=logits.device)
-        flags = torch.empty(R, nseg, dtype=torch.int32, device=logits.device)
-        seg_block = min(triton.next_power_of_2(seg), 4096)
-        _segment_topk_kernel[(R, nseg)](
-            logits, cand, cand_idx, flags, V, logits.stride(0), inv_temp, top_k, seg, ncand,
-            CAP=cap, BLOCK_V=seg_block, NC=NUM_CANDIDATES, num_warps=_config(1, seg_block, seg_block)[2])
+        cand, cand_idx, flags = segment_candidates(logits, inv_temp, top_k, plan)
+        ncand, nseg = cand.shape[1], flags.shape[1]
         rows, block, warps = _config(R, min(V, ncand) if block_v is None else V, block_v)
     _sample_kernel[(triton.cdiv(R, rows),)](
         logits, out, seed_arg, cand, cand_idx, flags, R, V, logits.stride(0), inv_temp, top_k, float(top_p),
         ncand, nseg, GREEDY=greedy, TOP_K=use_k, TOP_P=use_p, COMPACT=plan is not None, ROWS=rows,
         BLOCK_V=block, NC=NUM_CANDIDATES, SEG_P2=triton.next_power_of_2(max(nseg, 1)), num_warps=warps)
     return out
+
+
+def segment_candidates(logits: torch.Tensor, inv_temp: float, top_k: int, plan: tuple[int, int, int]):
+    """Stage 1 of the two-stage top-k on contiguous-row ``logits`` (R, V), ``plan`` from ``_segments``:
+    returns ``cand`` (R, NSEG * CAP) in the logits' dtype, ``cand_idx`` (R, NSEG * CAP) int32 columns
+    and ``flags`` (R, NSEG) int32 (see ``_segment_topk_kernel``)."""
+    seg, nseg, cap = plan
+    R, V = logits.shape
+    cand = torch.empty(R, nseg * cap, dtype=logits.dtype, device=logits.device)
+    cand_idx = torch.empty(R, nseg * cap, dtype=torch.int32, device=logits.device)
+    flags = torch.empty(R, nseg, dtype=torch.int32, device=logits.device)
+    block = min(triton.next_power_of_2(seg), 4096)
+    _segment_topk_kernel[(R, nseg)](
+        logits, cand, cand_idx, flags, V, logits.stride(0), inv_temp, top_k, seg, nseg * cap,
+        CAP=cap, BLOCK_V=block, NC=NUM_CANDIDATES, num_warps=_config(1, block, block)[2])
+    return cand, cand_idx, flags
 
 
 def _segments(V: int, top_k: int, segment: int | None) -> tuple[int, int, int] | None:

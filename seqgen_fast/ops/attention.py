@@ -136,7 +136,7 @@ def _check_qkv_common(fn, q, k, v, names=("q", "k", "v")):
             _fail(fn, f"{name} is on {t.device}, {names[0]} on {q.device}")
 
 
-def _check_cu(fn, name, cu, q, rows):
+def _check_cu(fn, name, cu, q):
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2:
         _fail(fn, f"{name} must be a 1-D int32/int64 tensor of batch+1 offsets, got "
                   f"{tuple(cu.shape) if isinstance(cu, Tensor) else type(cu).__name__}")
@@ -144,14 +144,14 @@ def _check_cu(fn, name, cu, q, rows):
         _fail(fn, f"{name} dtype must be int32 or int64, got {cu.dtype}", TypeError)
     if cu.device != q.device:
         _fail(fn, f"{name} is on {cu.device}, q on {q.device}")
-    if not (cu.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        c = cu.tolist()
-        if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > rows:
-            _fail(fn, f"{name} must start at 0, be non-decreasing and end at most at {rows} (the packed rows), got {c}")
 
 
-def _max_len(cu: Tensor) -> int:
-    return int((cu[1:] - cu[:-1]).max())
+def _longest(fn, name, cu, rows) -> int:
+    """Longest sequence of offsets ``cu`` (one device-to-host read), after checking the offsets."""
+    c = cu.tolist()
+    if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > rows:
+        _fail(fn, f"{name} must start at 0, be non-decreasing and end at most at {rows} (the packed rows), got {c}")
+    return max(b - a for a, b in zip(c, c[1:]))
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None,
@@ -165,8 +165,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     ``q (total_q, H, E)``, ``k (total_k, Hk, E)``, ``v (total_k, Hk, Ev)`` -> ``out (total_q, H, Ev)``;
     sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and likewise for k/v
     (``cu_seqlens_*``: (batch+1,) int32/int64 prefix sums starting at 0). ``max_seqlen_*`` size
-    the grid; when omitted they are read from ``cu_seqlens_*`` (a device-to-host sync). When they
-    are computed or checked on the host (outside CUDA-graph capture) the offsets are validated.
+    the grid; when omitted they are read from ``cu_seqlens_*`` (one device-to-host sync, not
+    possible inside a CUDA-graph capture or a fullgraph compile), and the offsets are validated
+    then. When given (flash-attn's contract, no sync) they must be the longest lengths: a smaller
+    value leaves rows uncomputed. The kernels clamp every offset into the packed rows, so wrong
+    offsets give wrong sequences, never an access outside q, k, v.
 
     Per sequence and head, with query head ``h`` reading kv head ``h // (H // Hk)`` (GQA/MQA)::
 
@@ -200,13 +203,13 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     if varlen:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             _fail(fn, "give both cu_seqlens_q and cu_seqlens_k for varlen")
-        _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q, q.shape[0])
-        _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0])
+        _check_cu(fn, "cu_seqlens_q", cu_seqlens_q, q)
+        _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, q)
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
             _fail(fn, f"cu_seqlens_k has {cu_seqlens_k.numel()} offsets, cu_seqlens_q {cu_seqlens_q.numel()}")
         cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
-        max_q = _max_len(cu_q) if max_seqlen_q is None else int(max_seqlen_q)
-        max_k = _max_len(cu_k) if max_seqlen_k is None else int(max_seqlen_k)
+        max_q = _longest(fn, "cu_seqlens_q", cu_q, q.shape[0]) if max_seqlen_q is None else int(max_seqlen_q)
+        max_k = _longest(fn, "cu_seqlens_k", cu_k, k.shape[0]) if max_seqlen_k is None else int(max_seqlen_k)
         q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     else:
         if k.shape[0] != q.shape[0]:

@@ -91,10 +91,12 @@ def sample_tokens(logits: Tensor, *, temperature: float = 1.0, top_k: int | None
     * Rows without a distribution -- holding a NaN or ``+inf``, or all ``-inf`` -- give ``-1``
       (greedy: ``-1`` for a NaN only); no host sync is spent to check.
 
-    Backends: triton (CUDA; one program per row, no sort of the vocabulary: the top-k and top-p
-    thresholds are found by a 16-way search over the values' order-preserving integer keys, then a
-    Gumbel-max draw with in-kernel Philox), reference (softmax, ``torch.topk``/``torch.sort``,
-    ``torch.multinomial``; one host read of the seed). Not differentiable.
+    Backends: triton (CUDA; no sort of the vocabulary: the top-k and top-p thresholds are found by
+    a 16-way search over the values' order-preserving integer keys, then an inverse-CDF draw with
+    in-kernel Philox; long rows with top-k first reduce each 2048-column segment to its top-k
+    candidates in parallel -- see ``seqgen_fast.kernels.sampling``), reference (softmax,
+    ``torch.topk``/``torch.sort``, ``torch.multinomial``; one host read of the seed). The two
+    backends draw different tokens from the same distribution. Not differentiable.
     """
     reference.check_args(logits, temperature, top_k, top_p)
     rows = logits.reshape(-1, logits.shape[-1])
