@@ -54,6 +54,6 @@ def cases(mode: str):
     for batch, hq, hkv, s in (QUICK if mode == "quick" else FULL):
         kv_bytes = 2 * batch * s * hkv * HEAD_DIM * elt
         qo_bytes = 2 * batch * hq * HEAD_DIM * elt
-        yield Case("decode", "decode_attention", f"B{batch} Hq{hq} Hkv{hkv} S{s} D{HEAD_DIM}", dtype,
+        yield Case("attention", "decode_attention", f"B{batch} Hq{hq} Hkv{hkv} S{s} D{HEAD_DIM}", dtype,
                    _setup(batch, hq, hkv, s, dtype), anchor="sdpa-cudnn",
                    bytes=kv_bytes + qo_bytes, cuda_graph=True)

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim", help="DDIM or DPM-Solver++")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None, help="images (default 8 on a GPU, 2 on the CPU)")
     parser.add_argument("--size", type=int, default=32, help="latent height and width (4 channels)")
     parser.add_argument("--width", type=int, default=384)
     parser.add_argument("--depth", type=int, default=6)
@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     device = device_of(args)
     dtype = DTYPES[args.dtype]
     quiet = args.no_progress
+    args.batch = args.batch or (8 if device.type == "cuda" else 2)
     classes = 10
     torch.manual_seed(args.seed)
     model = TinyDiT(4, args.size, args.width, args.depth, args.heads, classes).to(device=device, dtype=dtype).eval()

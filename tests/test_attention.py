@@ -247,6 +247,22 @@ def test_sdpa_triton_3d_and_strided_inputs(device):
     assert_close_rel(out, torch_sdpa(qs.double(), qs.double(), qs.double(), is_causal=True), 2e-3)
 
 
+@pytest.mark.parametrize("shape_q,shape_kv,ev", [((2, 2, 3, 7, 256), (2, 2, 3, 33, 256), 8),
+                                                  ((7, 8), (33, 8), 24)])
+def test_sdpa_triton_head_dims_and_ranks(shape_q, shape_kv, ev, device):
+    """Head dims at both ends (256 and 8, padded to power-of-two blocks), 5-D and 2-D inputs."""
+    q = rand(*shape_q, dtype=torch.float16, device=device, grad=True)
+    k = rand(*shape_kv, dtype=torch.float16, device=device, grad=True)
+    v = rand(*shape_kv[:-1], ev, dtype=torch.float16, device=device, grad=True)
+    out = scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+    ins = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = torch_sdpa(*ins, is_causal=True)
+    go = torch.randn_like(out)
+    assert_close_rel(out, ref, 2e-3, "out")
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, ins, go.double())):
+        assert_close_rel(a, b, 3e-3, f"d{name}")
+
+
 def flash_exact(q, k, v, causal, cu_q=None, cu_k=None):
     """float64 flash_attention reference (bottom-right causal) through the reference op path."""
     return flash_attention(q.double(), k.double(), v.double(), causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,

@@ -128,6 +128,9 @@ def test_unchecked_lengths_are_clamped(backend):
         out_app = decode_attention(q, k2, v2, bad, k_new=k_new, v_new=v_new, check_seqlens=False)
     assert_close_rel(out, reference.decode_attention(q, k, v, clamped, None, None, 32 ** -0.5), 1e-5)
     assert torch.equal(k2[2, 23], k_new[2]) and torch.equal(k2[0, 0], k_new[0])
+    # the appended token lands at the clamped position and is attended over with the tokens before it
+    appended = torch.tensor([1, 8, 24], dtype=torch.int32)
+    assert_close_rel(out_app, reference.decode_attention(q, k2, v2, appended, None, None, 32 ** -0.5), 1e-5)
 
 
 def test_bad_input_names_the_argument():

@@ -1,6 +1,7 @@
 """sample_tokens: the reference against transformers' warpers, the Triton kernel (interpreter on the
 CPU) against the reference distribution by chi-square tests, supports, ties, special values,
-reproducibility, chunking, errors, opcheck; `gpu` tests at V = 128256, B = 64."""
+reproducibility, chunking, the two-stage top-k against the single stage, errors, opcheck,
+torch.compile; `gpu` tests at V = 128256, B = 64 and a CUDA-graph replay."""
 import math
 
 import pytest

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._backend import Dispatcher, device_reasons, dispatcher, forced_backend, use_backend
+from .._backend import device_reasons, dispatcher
 from .._checks import register_check
 from ..reference import attention as reference
 from ..reference.attention import BOTTOM_RIGHT, NONE, TOP_LEFT
@@ -40,8 +40,6 @@ MAX_HEAD_DIM = 256
 def _kernel_reasons(q, k, v, mask, cu_q) -> list[str]:
     """Why the Triton kernels cannot take contract-shaped inputs (device reasons included)."""
     reasons = device_reasons("triton", q, k, v, mask, cu_q)
-    if q.device.type == "cpu" and forced_backend() != "triton":
-        reasons.append("CPU tensors go to reference unless triton is forced")
     if q.dtype not in KERNEL_DTYPES:
         reasons.append(f"dtype {q.dtype} is not float16/bfloat16 (float32 would round to tf32 in the kernels' "
                        "dots, below torch's float32 precision)")
@@ -72,15 +70,6 @@ def _bwd_impl(backend: str):
 
         return kernel.attention_bwd
     return reference.attention_bwd
-
-
-def _select(disp: Dispatcher, *args, backend: str | None) -> str:
-    """``disp.select`` with a ``backend=`` argument also visible to the supports functions (they
-    consult ``forced_backend()`` to let forced triton take CPU tensors under the interpreter)."""
-    if backend is None:
-        return disp.select(*args)
-    with use_backend(backend):
-        return disp.select(*args)
 
 
 def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, backend):
@@ -219,7 +208,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
         q4, k4, v4 = (t.transpose(1, 2) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     mode = BOTTOM_RIGHT if causal else NONE
-    chosen = _select(ATTN, q4, k4, v4, None, cu_q, cu_k, max_q, max_k, scale, mode, backend=backend)
+    chosen = ATTN.select(q4, k4, v4, None, cu_q, cu_k, max_q, max_k, scale, mode, backend=backend)
     out4, _ = _attention_fwd(q4, k4, v4, None, cu_q, cu_k, max_q, max_k, scale, mode, chosen)
     return out4[0].transpose(0, 1) if varlen else out4.transpose(1, 2)
 
@@ -343,7 +332,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     path in plain ops). ``backend=`` forces one (also ``seqgen_fast.use_backend``).
     """
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    chosen = _select(SDPA, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
+    chosen = SDPA.select(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
     return SDPA.impl(chosen)(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 

@@ -7,13 +7,12 @@ graph without an append never sees a mutation.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor
 
-from .._backend import device_reasons, dispatcher, use_backend
+from .._backend import device_reasons, dispatcher
 from .._checks import register_check
 from ..reference import decode as reference
 from ._library import custom_op
@@ -168,9 +167,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     if num_splits < 0:
         raise ValueError(f"decode_attention: num_splits must be >= 0, got {num_splits}")
     scale = 1.0 / math.sqrt(q3.shape[-1]) if scale is None else float(scale)
-    # a backend= argument is forced through the context so that supports() (forced_backend()) sees it
-    with use_backend(backend) if backend is not None else contextlib.nullcontext():
-        chosen = DECODE.select(q3, k_cache, v_cache, cache_seqlens, k3, v3, scale, num_splits)
+    chosen = DECODE.select(q3, k_cache, v_cache, cache_seqlens, k3, v3, scale, num_splits, backend=backend)
     if k3 is None:
         out = _decode_op(q3, k_cache, v_cache, cache_seqlens, scale, num_splits, check_seqlens, chosen)
     else:

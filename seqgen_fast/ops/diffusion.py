@@ -17,13 +17,12 @@ layout and the math are in ``seqgen_fast.reference.diffusion``.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 
 from .. import _ext
-from .._backend import device_reasons, dispatcher, forced_backend, interpret_mode, use_backend
+from .._backend import device_reasons, dispatcher, forced_backend, interpret_mode
 from .._checks import register_check
 from ..reference import diffusion as ref
 from ._library import custom_op
@@ -150,9 +149,7 @@ def _select(args: tuple, backend: str | None) -> str:
         None if t is None else (t.device, t.dtype, t.is_contiguous()) for t in tensors)
     chosen = _SELECTED.get(key)
     if chosen is None:
-        # a forced backend goes through the context too, so device_reasons sees it
-        with use_backend(forced) if forced is not None else contextlib.nullcontext():
-            chosen = STEP.select(*args)
+        chosen = STEP.select(*args, backend=forced)
         _SELECTED[key] = chosen
     return chosen
 

@@ -72,8 +72,6 @@ def _cuda_common(*tensors: Tensor) -> list[str]:
 
 def _triton_common(*tensors: Tensor) -> list[str]:
     reasons = device_reasons("triton", *tensors)
-    if not reasons and tensors[0].device.type == "cpu" and forced_backend() != "triton":
-        reasons.append("CPU tensors go to reference unless triton is forced")
     if tensors[0].dtype not in KERNEL_DTYPES:
         reasons.append(f"dtype {tensors[0].dtype} is not float32, float16 or bfloat16")
     return reasons

@@ -21,6 +21,7 @@ A row with no valid distribution -- a NaN or ``+inf`` logit, or every logit ``-i
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -37,12 +38,12 @@ def check_args(logits: Tensor, temperature: float, top_k: int | None, top_p: flo
                         "float32, float64)")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"sample_tokens: logits must be (..., V) with V >= 1, got shape {tuple(logits.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
             or temperature < 0:
         raise ValueError(f"sample_tokens: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"sample_tokens: top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
         raise ValueError(f"sample_tokens: top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
