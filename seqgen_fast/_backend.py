@@ -44,7 +44,14 @@ def _stack() -> list[str]:
 
 
 class BackendError(RuntimeError):
-    """No backend (or not the forced one) can take these inputs; the message says why."""
+    """No backend (or not the forced one) can take these inputs; the message says why.
+
+    ``reasons`` maps each backend tried to its list of reasons.
+    """
+
+    def __init__(self, message: str, reasons: dict[str, list[str]]):
+        super().__init__(message)
+        self.reasons = reasons
 
 
 def _check_name(name: str, what: str) -> str:
@@ -196,15 +203,17 @@ class Dispatcher:
             finally:
                 stack.pop()
             if why:
-                raise BackendError(f"{self.name}: forced backend {forced!r} cannot take these inputs: " + "; ".join(why))
+                raise BackendError(f"{self.name}: forced backend {forced!r} cannot take these inputs: "
+                                   + "; ".join(why), {forced: why})
             return forced
-        report = []
+        report = {}
         for name in self.order:
             why = self.reasons(name, *args, **kwargs)
             if not why:
                 return name
-            report.append(f"  {name}: " + "; ".join(why))
-        raise BackendError(f"{self.name}: no backend can take these inputs:\n" + "\n".join(report))
+            report[name] = why
+        raise BackendError(f"{self.name}: no backend can take these inputs:\n"
+                           + "\n".join(f"  {name}: " + "; ".join(why) for name, why in report.items()), report)
 
     def impl(self, backend: str) -> Callable:
         return self.impls[backend].fn

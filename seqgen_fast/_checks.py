@@ -93,7 +93,8 @@ def run_checks(device: torch.device, names=None, backends=BACKENDS, dtypes=None)
                     with use_backend(backend):
                         outs = check.fn(device, dtype)
                 except BackendError as exc:
-                    rows.append(CheckRow(check.name, backend, dname, "-", None, None, "n/a", str(exc).split(": ", 1)[-1]))
+                    note = "; ".join(r for why in exc.reasons.values() for r in why)
+                    rows.append(CheckRow(check.name, backend, dname, "-", None, None, "n/a", note))
                     continue
                 except Exception as exc:  # a crash is a failure to report, with what it said
                     rows.append(CheckRow(check.name, backend, dname, "-", None, None, "FAIL", f"{type(exc).__name__}: {exc}"))

@@ -209,6 +209,8 @@ def _check_against_diffusers(cls_name: str, config: dict, device, dtype, cfg=Fal
     if hasattr(theirs, "set_begin_index"):
         theirs.set_begin_index(index)
         ours.set_begin_index(index)
+    theirs.scale_model_input(x, t)  # as a pipeline does (Euler asks for it before step)
+    ours.scale_model_input(x, t)
     g = 5.0
     guided = (mo[:3] + g * (mo[3:] - mo[:3])) if cfg else mo
     want = theirs.step(guided.double(), t, x.double()).prev_sample
