@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
     args = parser.parse_args(argv)
+    if args.width % args.heads:
+        parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
     device = device_of(args)
     dtype = DTYPES[args.dtype]
     quiet = args.no_progress

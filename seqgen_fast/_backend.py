@@ -19,7 +19,6 @@ with its reasons; it is never silently replaced.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
@@ -90,16 +89,20 @@ def interpret_mode() -> bool:
 # ----------------------------------------------------------------------------------------------
 # Backend availability (the whole backend, independent of any input)
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+_TRITON_PROBE: list[str | None] = []  # filled once (a plain cache: torch.compile traces it without warnings)
+
+
 def _triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed"
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # an import failure is a reason to report, not to crash on
-        return f"importing triton failed: {exc}"
-    return None
+    if not _TRITON_PROBE:
+        if importlib.util.find_spec("triton") is None:
+            _TRITON_PROBE.append("the triton package is not installed")
+        else:
+            try:
+                import triton.language  # noqa: F401
+                _TRITON_PROBE.append(None)
+            except Exception as exc:  # an import failure is a reason to report, not to crash on
+                _TRITON_PROBE.append(f"importing triton failed: {exc}")
+    return _TRITON_PROBE[0]
 
 
 def backend_unavailable(name: str) -> str | None:

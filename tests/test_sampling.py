@@ -309,11 +309,17 @@ def test_bad_logits():
         kernel.sample_tokens(torch.randn(2, 5), None, 0.0, 0, 1.0, block_v=12)
 
 
-def test_cpu_dispatch_goes_to_reference():
+def test_cpu_dispatch_goes_to_reference_unless_triton_is_forced():
     from seqgen_fast.ops.sampling import SAMPLE
 
     x = torch.randn(2, 5)
     assert SAMPLE.select(x, None, 1.0, 0, 1.0) == "reference"
+    assert SAMPLE.select(x, None, 1.0, 0, 1.0, backend="triton") == "triton"
+    seed_state = torch.Generator().manual_seed(3)
+    ours = sample_tokens(x.repeat(50, 1), backend="triton", generator=seed_state)
+    with seqgen_fast.use_backend("triton"):
+        again = sample_tokens(x.repeat(50, 1), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours, again)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
