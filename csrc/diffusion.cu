@@ -182,8 +182,10 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Params p) {
   for (int i = 0; i < PACK; ++i) {
     const float xi = xv[i] + c[7] * nv[i];
     float x0 = c[0] * xi + c[1] * mv[i];
-    if (p.x0_mode == 1) x0 = fminf(fmaxf(x0, -p.clip_range), p.clip_range);
-    else if (p.x0_mode == 2) x0 = fminf(fmaxf(x0, -thr), thr) / thr;
+    // comparisons, not fminf/fmaxf: those drop a NaN operand, and a NaN row (key outside the table)
+    // must give a NaN x0 as in the reference, not +-clip_range
+    if (p.x0_mode == 1) x0 = x0 < -p.clip_range ? -p.clip_range : x0 > p.clip_range ? p.clip_range : x0;
+    else if (p.x0_mode == 2) x0 = (x0 < -thr ? -thr : x0 > thr ? thr : x0) / thr;
     float o = c[2] * xi + c[3] * x0 + c[4] * mv[i];
     if (p.noise_mode != 0) o += c[6] * nv[i];
     op.v[i] = from_float<T>(o);

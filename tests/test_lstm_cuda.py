@@ -9,13 +9,13 @@ outputs poisoned with NaN beforehand, and the cell step replayed from a CUDA gra
 import ctypes
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 from seqgen_fast import _ext
 from seqgen_fast.kernels import lstm_cuda
+from cuda_emulation import CSRC, EMU_MAIN_DEFS, build, compiler
 from utils import TOL, assert_close_rel, poison
 
 NVCC = shutil.which("nvcc") is not None
@@ -222,149 +222,15 @@ def _cell_inputs(B, I, H, dtype, bias):
 # ----------------------------------------------------------------------------------------------
 # CPU: the kernels of csrc/lstm.cu run on the host under a SIMT emulation
 # ----------------------------------------------------------------------------------------------
-# g++ compiles csrc/lstm.cu against the stand-in CUDA headers below: every CUDA thread is a host
+# g++ compiles csrc/lstm.cu against the stand-in CUDA headers of tests/cuda_emulation.py: every CUDA thread is a host
 # thread; __syncthreads, grid.sync and each warp shuffle are std::barrier waits. The kernels take
 # any blockDim that is a multiple of 32, so blocks of 32/64 threads keep this fast. Shared memory is
 # filled with NaN bytes before launch and checked for writes past the planned size afterwards;
 # a grid larger than the (emulated) SM count fails like a cooperative launch would. This checks
 # indexing, tiling, k-splits, staging and barriers; it cannot check L1/L2 coherence or timing.
-_EMU_RUNTIME = r"""
-#pragma once
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstring>
-#include <memory>
-#include <stdexcept>
-#include <thread>
-#include <vector>
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
-struct uint4 { unsigned x, y, z, w; };
-inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
-typedef int cudaError_t;
-constexpr int cudaSuccess = 0;
-typedef void* cudaStream_t;
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrCooperativeLaunch };
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
-inline const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
-inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
-inline cudaError_t cudaGetLastError() { return 0; }
-inline cudaError_t cudaGetDevice(int* d) { *d = 0; return 0; }
-inline cudaError_t cudaSetDevice(int) { return 0; }
-extern int emu_sms, emu_smem_optin, emu_threads;
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? emu_sms : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu_smem_optin : 1;
-  return 0;
-}
-template <class F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return 0; }
-template <class F> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F, int, size_t) { *n = 1; return 0; }
-extern thread_local dim3 threadIdx, blockIdx, blockDim;
-extern thread_local unsigned char* emu_smem_ptr;
-extern thread_local std::barrier<>* emu_block_bar;
-extern thread_local std::barrier<>* emu_warp_bar;
-extern thread_local std::barrier<>* emu_grid_bar;
-extern thread_local float* emu_warp_buf;
-inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int off) {
-  const int lane = threadIdx.x % 32;
-  emu_warp_buf[lane] = v;
-  emu_warp_bar->arrive_and_wait();
-  const float r = emu_warp_buf[lane ^ off];
-  emu_warp_bar->arrive_and_wait();
-  return r;
-}
-inline float __ldcg(const float* p) { return *p; }
-inline unsigned short __ldcg(const unsigned short* p) { return *p; }
-inline uint4 __ldcg(const uint4* p) { return *p; }
-inline float __expf(float x) { return std::exp(x); }
-using std::min;
-template <class P>
-cudaError_t emu_launch(void (*kernel)(P), unsigned blocks, size_t smem, P prm, bool cooperative) {
-  if (cooperative && blocks > unsigned(emu_sms)) throw std::runtime_error("cooperative grid larger than the SM count");
-  if (smem > size_t(cooperative ? emu_smem_optin : 48 * 1024)) throw std::runtime_error("shared memory over the limit");
-  const int threads = emu_threads, warps = int(blocks) * threads / 32;
-  std::barrier<> grid(int(blocks) * threads);
-  std::vector<std::unique_ptr<std::barrier<>>> bbar, wbar;
-  std::vector<std::vector<unsigned char>> mem(blocks, std::vector<unsigned char>(smem + 64, 0xFF));
-  std::vector<float> wbuf(size_t(warps) * 32);
-  for (unsigned b = 0; b < blocks; ++b) bbar.emplace_back(new std::barrier<>(threads));
-  for (int w = 0; w < warps; ++w) wbar.emplace_back(new std::barrier<>(32));
-  std::vector<std::thread> ts;
-  for (unsigned b = 0; b < blocks; ++b)
-    for (int t = 0; t < threads; ++t)
-      ts.emplace_back([&, b, t] {
-        threadIdx = dim3(t); blockIdx = dim3(b); blockDim = dim3(threads);
-        emu_smem_ptr = mem[b].data();
-        emu_block_bar = bbar[b].get();
-        emu_warp_bar = wbar[(b * threads + t) / 32].get();
-        emu_warp_buf = wbuf.data() + (b * threads + t) / 32 * 32;
-        emu_grid_bar = cooperative ? &grid : nullptr;
-        kernel(prm);
-      });
-  for (auto& t : ts) t.join();
-  for (auto& m : mem)
-    for (size_t i = smem; i < m.size(); ++i)
-      if (m[i] != 0xFF) throw std::runtime_error("a kernel wrote past its planned shared memory");
-  return 0;
-}
-template <class P>
-cudaError_t cudaLaunchCooperativeKernel(void (*k)(P), dim3 g, dim3, void** args, size_t smem, cudaStream_t) {
-  return emu_launch(k, g.x, smem, *static_cast<P*>(args[0]), true);
-}
-template <class P>
-cudaError_t cudaLaunchKernel(void (*k)(P), dim3 g, dim3, void** args, size_t smem, cudaStream_t) {
-  return emu_launch(k, g.x, smem, *static_cast<P*>(args[0]), false);
-}
-"""
-_EMU_HEADERS = {
-    "cuda_runtime.h": _EMU_RUNTIME,
-    "cooperative_groups.h": """#pragma once
-#include "cuda_runtime.h"
-namespace cooperative_groups {
-struct grid_group {
-  void sync() { if (!emu_grid_bar) throw std::runtime_error("grid.sync outside a cooperative launch"); emu_grid_bar->arrive_and_wait(); }
-};
-inline grid_group this_grid() { return {}; }
-}
-""",
-    "cuda_fp16.h": """#pragma once
-#include "cuda_runtime.h"
-struct __half { _Float16 v; };
-inline float __half2float(__half h) { return float(h.v); }
-inline __half __float2half_rn(float f) { return {_Float16(f)}; }
-inline __half __ushort_as_half(unsigned short u) { __half h; std::memcpy(&h, &u, 2); return h; }
-""",
-    "cuda_bf16.h": """#pragma once
-#include "cuda_runtime.h"
-struct __nv_bfloat16 { unsigned short x; };
-inline float __bfloat162float(__nv_bfloat16 h) { unsigned u = unsigned(h.x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  unsigned u; std::memcpy(&u, &f, 4); u += 0x7FFF + ((u >> 16) & 1); return {(unsigned short)(u >> 16)};
-}
-inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
-""",
-    "emu_main.cpp": """#include "cuda_runtime.h"
+_EMU_MAIN = r"""#include "cuda_runtime.h"
 #include "lstm.h"
-int emu_sms = 1, emu_smem_optin = 0, emu_threads = 32;
-thread_local dim3 threadIdx, blockIdx, blockDim;
-thread_local unsigned char* emu_smem_ptr;
-thread_local std::barrier<>* emu_block_bar;
-thread_local std::barrier<>* emu_warp_bar;
-thread_local std::barrier<>* emu_grid_bar;
-thread_local float* emu_warp_buf;
-static char emu_error[1024];
-extern "C" const char* emu_error_message() { return emu_error; }
-extern "C" void emu_config(int sms, int smem, int threads) { emu_sms = sms; emu_smem_optin = smem; emu_threads = threads; }
-#define EMU_CALL(body) try { body; return 0; } catch (std::exception& e) { std::snprintf(emu_error, sizeof emu_error, "%s", e.what()); return 1; }
-using u = std::uintptr_t;
-extern "C" int emu_forward(int dt, long T, long B, long H, u xg, u w, u h0, u c0, u hs, u hn, u cn, u cs, u g) {
+""" + EMU_MAIN_DEFS + r"""extern "C" int emu_forward(int dt, long T, long B, long H, u xg, u w, u h0, u c0, u hs, u hn, u cn, u cs, u g) {
   EMU_CALL(seqgen::lstm::sequence_forward(0, dt, T, B, H, xg, w, h0, c0, hs, hn, cn, cs, g, 0))
 }
 extern "C" int emu_backward(int dt, long T, long B, long H, u w, u cs, u g, u c0, u ghs, u ghn, u gcn, u gg, u gh0, u gc0) {
@@ -373,32 +239,19 @@ extern "C" int emu_backward(int dt, long T, long B, long H, u w, u cs, u g, u c0
 extern "C" int emu_cell(int dt, long B, long I, long H, u x, u h, u c, u wih, u whh, u bih, u bhh, u h1, u c1) {
   EMU_CALL(seqgen::lstm::cell_step(0, dt, B, I, H, x, h, c, wih, whh, bih, bhh, h1, c1, 0))
 }
-""",
-}
-_CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
+"""
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """csrc/lstm.cu built for the host against the emulation headers, loaded through ctypes."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no g++ to build the host emulation of the CUDA kernels")
+    compiler()
     d = tmp_path_factory.mktemp("lstm_emu")
-    for name, text in _EMU_HEADERS.items():
-        (d / name).write_text(text)
-    src = open(os.path.join(_CSRC, "lstm.cu")).read()
+    src = open(os.path.join(CSRC, "lstm.cu")).read()
     smem_decl = "extern __shared__ __align__(16) unsigned char smem_bytes[];\n  return smem_bytes;"
     assert src.count(smem_decl) == 1, "dynamic_smem() changed: update the emulation"
-    (d / "lstm_host.cpp").write_text(src.replace(smem_decl, "return emu_smem_ptr;"))
-    lib = d / "liblstm_emu.so"
-    build = subprocess.run([cxx, "-std=c++20", "-O1", "-fPIC", "-shared", f"-I{d}", f"-I{_CSRC}",
-                            str(d / "lstm_host.cpp"), str(d / "emu_main.cpp"), "-o", str(lib), "-lpthread"],
-                           capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-4000:]
-    h = ctypes.CDLL(str(lib))
-    h.emu_error_message.restype = ctypes.c_char_p
-    h.emu_config.argtypes = [ctypes.c_int] * 3
+    h = build(str(d), {"lstm_host.cpp": src.replace(smem_decl, "return emu_smem_ptr;"), "emu_main.cpp": _EMU_MAIN},
+              "lstm_emu")
     for name, n in (("emu_forward", 9), ("emu_backward", 10), ("emu_cell", 9)):
         getattr(h, name).argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long] + [ctypes.c_size_t] * n
 

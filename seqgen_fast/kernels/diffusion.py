@@ -61,10 +61,11 @@ def _quarter(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, base, mbase_u, mbase_c
     if NOISE != 0:
         x = x + cpn * n
     x0 = cx * x + cm * m
+    # clamps by comparison, so a NaN x0 stays NaN as in the reference (tl.minimum/maximum drop NaN on GPUs)
     if X0_MODE == 1:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))
     elif X0_MODE == 2:
-        x0 = tl.minimum(tl.maximum(x0, -thr), thr) / thr
+        x0 = tl.where(x0 < -thr, -thr, tl.where(x0 > thr, thr, x0)) / thr
     out = ax * x + a0 * x0 + am * m
     if HIST == 2:
         out += ah * tl.load(h_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
