@@ -176,6 +176,7 @@ class Dispatcher:
     name: str
     order: tuple[str, ...] = BACKENDS
     impls: dict[str, _Impl] = field(default_factory=dict)
+    _memo: dict[tuple, str] = field(default_factory=dict, repr=False)
 
     def register(self, backend: str, supports: Supports | None = None) -> Callable[[Callable], Callable]:
         _check_name(backend, f"{self.name}.register")
@@ -217,6 +218,20 @@ class Dispatcher:
             report[name] = why
         raise BackendError(f"{self.name}: no backend can take these inputs:\n"
                            + "\n".join(f"  {name}: " + "; ".join(why) for name, why in report.items()), report)
+
+    def select_cached(self, key: tuple, *args, backend: str | None = None, **kwargs) -> str:
+        """:meth:`select` memoized on ``key``, the caller's summary of everything its supports
+        functions read (devices, dtypes, shapes, which inputs exist). The forced backend and the
+        interpreter mode join the key, so a hot loop (a generation step, a scheduler step) pays the
+        capability checks once."""
+        full = (forced_backend(backend), interpret_mode(), key)
+        name = self._memo.get(full)
+        if name is None:
+            name = self.select(*args, backend=backend, **kwargs)
+            if len(self._memo) >= 256:
+                self._memo.clear()
+            self._memo[full] = name
+        return name
 
     def impl(self, backend: str) -> Callable:
         return self.impls[backend].fn

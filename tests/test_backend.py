@@ -100,3 +100,19 @@ def test_public_namespace():
     assert set(seqgen_fast.BACKENDS) == {"cuda", "triton", "reference"}
     with pytest.raises(AttributeError):
         seqgen_fast.functional.not_an_op
+
+
+def test_select_cached_memoizes_but_sees_forcing(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    d, _ = make_toy()
+    calls = []
+    inner = d.impls["reference"].supports
+    d.impls["reference"].supports = lambda x: calls.append(1) or inner(x)
+    x = torch.randn(4)
+    assert d.select_cached(("k",), x) == "reference"
+    assert d.select_cached(("k",), x) == "reference"
+    assert len(calls) == 1  # the second call was served from the memo
+    assert d.select_cached(("k",), x, backend="triton") == "triton"  # forcing is part of the key
+    with use_backend("triton"):
+        assert d.select_cached(("k",), x) == "triton"

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._backend import device_reasons, dispatcher, forced_backend, interpret_mode
+from .._backend import device_reasons, dispatcher
 from .._checks import register_check
 from ..reference import diffusion as ref
 from ._library import custom_op
@@ -141,20 +141,11 @@ def _step_op(sample: torch.Tensor, model_output: torch.Tensor, coef: torch.Tenso
                               noise_mode, seed, offset, write_x0)
 
 
-_SELECTED: dict[tuple, str] = {}
-
-
 def _select(args: tuple, backend: str | None) -> str:
     """STEP.select, memoized on what the supports functions read (devices, dtypes, layouts, which inputs exist)."""
-    forced = forced_backend(backend)
     tensors = (args[0], args[1], args[2], args[4], args[5], args[8], args[9], args[12], args[13], args[15])
-    key = (forced, interpret_mode()) + tuple(
-        None if t is None else (t.device, t.dtype, t.is_contiguous()) for t in tensors)
-    chosen = _SELECTED.get(key)
-    if chosen is None:
-        chosen = STEP.select(*args, backend=forced)
-        _SELECTED[key] = chosen
-    return chosen
+    key = tuple(None if t is None else (t.device, t.dtype, t.is_contiguous()) for t in tensors)
+    return STEP.select_cached(key, *args, backend=backend)
 
 
 def diffusion_step(sample: torch.Tensor, model_output: torch.Tensor, coef: torch.Tensor, key: int,

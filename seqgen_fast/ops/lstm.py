@@ -27,14 +27,13 @@ W_hh resident on chip, one grid barrier per step; no projections, no variable le
 A size or case a backend cannot take goes to the next one, with its reason.
 """
 import contextlib
-import os
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import dispatcher, device_reasons, forced_backend, use_backend
+from .._backend import dispatcher, device_reasons, use_backend
 from .._checks import register_check
 from ..reference import lstm as ref
 from ._library import custom_op
@@ -233,12 +232,8 @@ def lstm_sequence_backward(w_hh: Tensor, w_hr: Optional[Tensor], hs: Tensor, cs:
 
 
 def _backward_backend(preferred: str, *args) -> str:
-    """The forward's backend when it can run the backward, else the first capable one in order."""
-    for name in (preferred, *ORDER):
-        if not SEQ_BWD.reasons(name, *args):
-            return name
-    raise RuntimeError("lstm_sequence_backward: no backend can take the saved tensors: "
-                       + "; ".join(f"{b}: {', '.join(SEQ_BWD.reasons(b, *args))}" for b in ORDER))
+    """The forward's backend when it can run the backward, else the dispatcher's choice."""
+    return preferred if not SEQ_BWD.reasons(preferred, *args) else SEQ_BWD.select(*args)
 
 
 def _seq_setup(ctx, inputs, output):
@@ -367,22 +362,11 @@ def _layer_direction(x, weights, h0, c0, batch_sizes, rev_idx, reverse):
     return (_reverse(hs, rev_idx) if reverse else hs), h_n, c_n
 
 
-_CELL_CHOICE: dict[tuple, str] = {}
-
-
 def _cell_backend(x, h, c, w_ih, w_hh, b_ih, b_hh) -> str:
-    """``CELL.select`` memoized on what the supports functions look at (forced backend, device,
-    dtype, shapes, bias; devices and dtypes were checked equal before): a generation loop pays the
-    capability checks once, not every step."""
-    key = (forced_backend(), os.environ.get("TRITON_INTERPRET"), x.device, x.dtype, tuple(x.shape), tuple(h.shape),
-           tuple(w_ih.shape), b_ih is not None)
-    name = _CELL_CHOICE.get(key)
-    if name is None:
-        name = CELL.select(x, h, c, w_ih, w_hh, b_ih, b_hh)
-        if len(_CELL_CHOICE) > 256:
-            _CELL_CHOICE.clear()
-        _CELL_CHOICE[key] = name
-    return name
+    """``CELL.select`` memoized on what the supports functions look at (device, dtype, shapes, bias;
+    devices and dtypes were checked equal before): a generation loop pays the checks once."""
+    key = (x.device, x.dtype, tuple(x.shape), tuple(h.shape), tuple(w_ih.shape), b_ih is not None)
+    return CELL.select_cached(key, x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
 def lstm(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], weights: Sequence[Tensor], *, num_layers: int = 1,
