@@ -17,6 +17,7 @@ from seqgen_fast.functional import flash_attention, scaled_dot_product_attention
 from seqgen_fast.ops import attention as ops
 from seqgen_fast.reference import attention as reference
 from seqgen_fast.reference.attention import BOTTOM_RIGHT, TOP_LEFT
+from aot import compile_sm90, pointers
 from utils import assert_close_rel, rel_err
 
 F64 = torch.float64
@@ -358,54 +359,25 @@ AOT_VARIANTS = [
 ]
 
 
-def compile_sm90(index: int) -> None:
-    """Print (JSON) facts of an ahead-of-time sm_90 compile of AOT_VARIANTS[index], bf16, specialised
-    as the JIT would (16-byte aligned pointers and strides, unit head-dim strides). Runs in a
-    subprocess: Triton cannot compile while its interpreter is on."""
-    import json
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+@pytest.mark.parametrize("index", range(len(AOT_VARIANTS)))
+def test_kernels_compile_for_sm90_with_wgmma(index):
+    """Each kernel variant compiles for Hopper (bf16, no GPU needed), its dots on wgmma, its tiles
+    streamed through cp.async, within the 227 KiB of shared memory a block can have."""
     from seqgen_fast.kernels import attention as kernel
 
     name, d, dv, (bm, bn, warps, stages), flags = AOT_VARIANTS[index]
-    fn = getattr(kernel, name).fn
-    names = list(fn.arg_names)
     const = dict(D=d, DV=dv, BLOCK_D=kernel.block_dim(d), BLOCK_DV=kernel.block_dim(dv), CAUSAL=False,
                  BOTTOM_RIGHT=False, HAS_MASK=False, MASK_BOOL=False, IS_VARLEN=False, BLOCK_M=bm, BLOCK_N=bn)
     const.update(flags)
+    names = getattr(kernel, name).fn.arg_names
     const.update({n: 1 for n in names if n.startswith("stride_") and n.endswith("d") and n != "stride_mb"})
-    tensors = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DVT"}
-    mask_type = "*i1" if const["MASK_BOOL"] else "*bf16"
-    sig = {n: "constexpr" if n in const else "*bf16" if n in tensors else "*fp32" if n in ("LSE", "DELTA")
-           else mask_type if n == "MASK" else "*i32" if n in ("CU_Q", "CU_K")
-           else "fp32" if n in ("qk_scale", "sm_scale") else "i32" for n in names}
-    aligned = [n for n in names if n not in const and n != "MASK" and not n.startswith("stride_m")
-               and (sig[n].startswith("*") or n.startswith("stride_"))]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})
-    print(json.dumps({"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared}))
-
-
-@pytest.mark.parametrize("index", range(len(AOT_VARIANTS)))
-def test_kernels_compile_for_sm90_with_wgmma(index):
-    """Each kernel variant compiles for Hopper (no GPU needed), its dots on wgmma, its tiles
-    streamed through cp.async, within the 227 KiB of shared memory a block can have."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, "-c", f"import test_attention as t; t.compile_sm90({index})"],
-                         cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    types = {**pointers("bf16", *({"Q", "K", "V", "O", "DO", "DQ", "DK", "DVT"} & set(names))),
+             **pointers("fp32", *({"LSE", "DELTA"} & set(names))), **pointers("i32", "CU_Q", "CU_K"),
+             "MASK": "*i1" if const["MASK_BOOL"] else "*bf16",
+             **{n: "fp32" for n in ("qk_scale", "sm_scale") if n in names}}
+    aligned = [n for n in names if n.startswith("stride_") and not n.startswith("stride_m") and n not in const]
+    facts = compile_sm90("seqgen_fast.kernels.attention", name, types=types, constexprs=const, aligned=aligned,
+                         unaligned=("MASK",), num_warps=warps, num_stages=stages)
     assert "wgmma.mma_async" in facts["ptx"], "dots did not lower to Hopper's wgmma"
     assert "cp.async" in facts["ptx"], "tiles are not loaded asynchronously"
     assert facts["shared"] <= 227 * 1024

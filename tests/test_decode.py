@@ -14,6 +14,7 @@ from seqgen_fast import use_backend
 from seqgen_fast.functional import decode_attention
 from seqgen_fast.kernels import decode as kernel
 from seqgen_fast.reference import decode as reference
+from aot import compile_sm90, pointers
 from utils import TOL, assert_close_rel
 
 
@@ -168,46 +169,18 @@ def test_num_splits_heuristic():
     assert kernel.choose_num_splits(1, 40, 128, 132) == 1            # one key tile: nothing to split
 
 
-def compile_split_kernel_sm90() -> None:
-    """Print (JSON) facts of an ahead-of-time sm_90 compile of the bf16 D=128 GQA-4 split kernel,
-    specialised as the JIT would (16-byte aligned pointers and strides, unit inner strides).
-    Runs in a subprocess: Triton cannot compile while its interpreter is on."""
-    import json
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = kernel._decode_split_kernel
-    names = list(fn.arg_names)
+def test_kernel_compiles_for_sm90_with_pipelined_vector_loads():
+    """The bf16 D=128 GQA-4 split kernel, compiled for Hopper: K/V tiles must load as 16-byte vectors
+    through cp.async (software-pipelined, two or more K+V stages in shared memory), else the kernel
+    cannot approach HBM rate."""
     const = dict(HEAD_DIM=128, GROUP=4, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, SINGLE_SPLIT=False, APPEND=1,
                  DOT_PRECISION="tf32", stride_qd=1, stride_kd=1, stride_vd=1, stride_knd=1, stride_vnd=1, stride_od=1)
-    pointers = {"Q", "K", "V", "KNEW", "VNEW", "O"}
-    sig = {n: "constexpr" if n in const else "*bf16" if n in pointers else "*fp32" if n in ("OPART", "LSE")
-           else "*i32" if n == "SEQLENS" else "fp32" if n == "qk_scale" else "i32" for n in names}
-    aligned = [n for n in names if n not in const and (sig[n].startswith("*") or n.startswith("stride_"))
-               and n != "stride_len"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4, "num_stages": 3})
-    print(json.dumps({"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared}))
-
-
-def test_kernel_compiles_for_sm90_with_pipelined_vector_loads():
-    """K/V tiles must load as 16-byte vectors through cp.async (software-pipelined, two or more
-    K+V stages in shared memory), else the kernel cannot approach HBM rate."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = Path(__file__).parent
-    run = subprocess.run([sys.executable, "-c", "import test_decode; test_decode.compile_split_kernel_sm90()"],
-                         cwd=here, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    names = kernel._decode_split_kernel.arg_names
+    types = {**pointers("bf16", "Q", "K", "V", "KNEW", "VNEW", "O"), **pointers("fp32", "OPART", "LSE"),
+             **pointers("i32", "SEQLENS"), "qk_scale": "fp32"}
+    aligned = [n for n in names if n.startswith("stride_") and n not in const and n != "stride_len"]
+    facts = compile_sm90("seqgen_fast.kernels.decode", "_decode_split_kernel", types=types, constexprs=const,
+                         aligned=aligned, num_warps=4, num_stages=3)
     assert "cp.async.cg.shared.global" in facts["ptx"] and "cp.async.wait_group" in facts["ptx"]
     assert facts["shared"] >= 2 * 2 * 64 * 128 * 2
 

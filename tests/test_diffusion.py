@@ -16,6 +16,7 @@ from seqgen_fast import _ext  # noqa: E402
 from seqgen_fast._backend import use_backend  # noqa: E402
 from seqgen_fast.diffusion import fast_scheduler, sample  # noqa: E402
 from seqgen_fast.ops import diffusion as ops  # noqa: E402
+from tests.aot import compile_sm90, pointers  # noqa: E402
 from tests.utils import assert_close_rel  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The `scale_model_input` function should be called")
@@ -441,47 +442,21 @@ def test_sample_bad_arguments():
         sample(lambda x, t: x, s, torch.randn(2, 3), num_inference_steps=0)
 
 
-_AOT = r'''
-import inspect, re, sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from seqgen_fast.kernels import diffusion as kd
-
-params = list(inspect.signature(kd._step_kernel.fn).parameters)
-dt, lookup, noise, hist = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-fp = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dt]
-consts = dict(LOOKUP=lookup, SCHED_BLOCK=64, CFG=True, PER_SAMPLE_G=lookup > 0, MSCALE=lookup > 0, X0_MODE=lookup,
-              NOISE=noise, HIST=hist, WRITE_X0=hist > 0, NCOEF_=8, BLOCK_=kd.block_size(fp))
-sig = {}
-for p in params:
-    if p.endswith("_ptr"):
-        sig[p] = "*fp32" if p in ("coef_ptr", "sched_ptr", "g_ptr", "ms_ptr", "thr_ptr") else \
-            ("*i64" if p == "ts_ptr" else "*" + dt)
-    elif p in consts:
-        sig[p] = "constexpr"
-    else:
-        sig[p] = {"seed": "i64", "gscale": "fp32", "clip_range": "fp32"}.get(p, "i32")
-src = ASTSource(fn=kd._step_kernel, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()},
-                attrs={(params.index(p),): [["tt.divisibility", 16]] for p in ("x_ptr", "m_ptr", "out_ptr", "N")})
-k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": kd.NUM_WARPS})
-print(" ".join(sorted(set(re.findall(r"(?:ld|st)\.global[.\w]*", k.asm["ptx"])))))
-'''
-
-
 @pytest.mark.parametrize("dt,lookup,noise,hist", [("fp16", 0, 0, 0), ("fp32", 1, 2, 0), ("bf16", 2, 1, 2)])
 def test_triton_kernel_compiles_for_sm90(dt, lookup, noise, hist):
     """The interpreter hides compile errors: compile the kernel for sm_90 (ptxas, no GPU needed) and check
     that its element accesses are 16-byte vectors."""
-    import os
-    import subprocess
-    import sys
+    import re
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _AOT, dt, str(lookup), str(noise), str(hist)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    if run.returncode != 0 and ("ptxas" in run.stderr and "not found" in run.stderr):
-        pytest.skip("no ptxas for Triton's NVIDIA backend")
-    assert run.returncode == 0, run.stderr[-3000:]
-    accesses = run.stdout.split()
+    from seqgen_fast.kernels import diffusion as kd
+
+    fp = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    const = dict(LOOKUP=lookup, SCHED_BLOCK=64, CFG=True, PER_SAMPLE_G=lookup > 0, MSCALE=lookup > 0,
+                 X0_MODE=lookup, NOISE=noise, HIST=hist, WRITE_X0=hist > 0, NCOEF_=8, BLOCK_=kd.block_size(fp))
+    types = {**pointers(dt, "x_ptr", "m_ptr", "out_ptr", "x0_ptr", "h_ptr", "n_ptr"),
+             **pointers("fp32", "coef_ptr", "sched_ptr", "g_ptr", "ms_ptr", "thr_ptr"), "ts_ptr": "*i64",
+             "seed": "i64", "gscale": "fp32", "clip_range": "fp32"}
+    facts = compile_sm90("seqgen_fast.kernels.diffusion", "_step_kernel", types=types, constexprs=const,
+                         aligned=("N",), num_warps=kd.NUM_WARPS)
+    accesses = set(re.findall(r"(?:ld|st)\.global[.\w]*", facts["ptx"]))
     assert "ld.global.v4.b32" in accesses and "st.global.v4.b32" in accesses, accesses

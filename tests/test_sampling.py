@@ -12,6 +12,7 @@ from seqgen_fast._checks import run_checks
 from seqgen_fast.functional import sample_tokens
 from seqgen_fast.kernels import sampling as kernel
 from seqgen_fast.reference import sampling as reference
+from aot import compile_sm90, pointers
 
 BACKENDS = ("reference", "triton")
 Z_CRIT = 5.0  # one-sided normal quantile of the chi-square tests: a false alarm ~3e-7 per test
@@ -342,6 +343,45 @@ def test_compiles_into_one_graph():
 def test_registered_check_passes():
     rows = run_checks(torch.device("cpu"), names=["sample_tokens"], backends=BACKENDS)
     assert rows and all(r.status == "pass" for r in rows), [r for r in rows if r.status != "pass"]
+
+
+# What the launchers choose, compiled for sm_90: one stage at a Llama-3 vocabulary (top-p alone and
+# top-k + top-p), the compact second stage of two (63 segments x 64 slots), several small rows per
+# program, greedy, temperature only.
+AOT_SAMPLERS = [(1, 128256, "P"), (1, 128256, "KP"), (64, 63 * 64, "KPC"), (256, 512, "KP"), (64, 32000, "G"),
+                (64, 32000, "")]
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize("R,V,flags", AOT_SAMPLERS)
+def test_sampler_compiles_for_sm90_without_spills(dt, R, V, flags):
+    """The search's [ROWS, NC, BLOCK_V] compare tile must stay in registers: at 16 elements a thread
+    it spilled over 1 KB per thread (bf16, Triton 3.6's ptxas); a few words of spill, which some
+    ptxas versions show when they cap the compact stage at 128 registers, pass. Loads are 16-byte."""
+    import re
+
+    rows, block, warps = kernel._config(R, V, None, interpret=False)
+    const = dict(GREEDY="G" in flags, TOP_K="K" in flags, TOP_P="P" in flags, COMPACT="C" in flags, ROWS=rows,
+                 BLOCK_V=block, NC=kernel.NUM_CANDIDATES, SEG_P2=64)
+    types = {**pointers(dt, "logits_ptr", "cand_ptr"), **pointers("i64", "out_ptr", "seed_ptr"),
+             **pointers("i32", "cand_idx_ptr", "flag_ptr"), "inv_temp": "fp32", "top_p": "fp32"}
+    facts = compile_sm90("seqgen_fast.kernels.sampling", "_sample_kernel", types=types, constexprs=const,
+                         aligned=("V", "stride_r"), num_warps=warps)
+    assert facts["spill_bytes"] <= 64, facts["spill_bytes"]
+    if "C" not in flags:  # the compact stage gathers candidates; every other row is read as vectors
+        assert "ld.global.v4.b32" in facts["ptx"] or "ld.global.v2.b32" in facts["ptx"]
+
+
+@pytest.mark.parametrize("top_k", [50, 512])
+def test_segment_kernel_compiles_for_sm90_without_spills(top_k):
+    seg, _, cap = kernel._segments(128256, top_k, None)
+    _, block, warps = kernel._config(1, seg, None, interpret=False)
+    types = {**pointers("bf16", "logits_ptr", "cand_ptr"), **pointers("i32", "cand_idx_ptr", "flag_ptr"),
+             "inv_temp": "fp32"}
+    facts = compile_sm90("seqgen_fast.kernels.sampling", "_segment_topk_kernel", types=types,
+                         constexprs=dict(CAP=cap, BLOCK_V=block, NC=kernel.NUM_CANDIDATES),
+                         aligned=("V", "stride_r", "SEG", "NCAND"), num_warps=warps)
+    assert facts["spill_bytes"] <= 64, facts["spill_bytes"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -79,17 +79,19 @@ def _cell_bwd_kernel(dm_ptr, s_dm, dc_ptr, s_dc, act_ptr, s_act, cp_ptr, s_cp, c
 def _gate_products(acc_i, acc_f, acc_g, acc_o, v_ptr, w_ptr, K, H, rows, rmask, units, umask,
                    BLOCK_K: tl.constexpr):
     """acc_q[b, u] += sum_k v[b, k] * W[q*H + u, k] for the four gate blocks q of W [4H, K]."""
+    w_rows = w_ptr + units[:, None].to(tl.int64) * K  # 4H x K may pass 2^31 elements
+    gate = (units[:, None].to(tl.int64) * 0 + H) * K  # elements between gate blocks, int64
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         v = tl.load(v_ptr + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         v = v.to(tl.float32)[:, None, :]
-        w = w_ptr + units[:, None] * K + ks[None, :]
+        w = w_rows + ks[None, :]
         wmask = umask[:, None] & kmask[None, :]
         acc_i += tl.sum(v * tl.load(w, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
-        acc_f += tl.sum(v * tl.load(w + H * K, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
-        acc_g += tl.sum(v * tl.load(w + 2 * H * K, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
-        acc_o += tl.sum(v * tl.load(w + 3 * H * K, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
+        acc_f += tl.sum(v * tl.load(w + gate, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
+        acc_g += tl.sum(v * tl.load(w + 2 * gate, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
+        acc_o += tl.sum(v * tl.load(w + 3 * gate, mask=wmask, other=0.0).to(tl.float32)[None, :, :], axis=2)
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -133,6 +135,14 @@ def _cell_step_kernel(x_ptr, h_ptr, c_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, h
 STEP_MAX_BATCH = 8
 
 
+def step_config(B: int, H: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K) of ``_cell_step_kernel``: about 128 programs of BLOCK_H units, a
+    [BLOCK_B, BLOCK_H, BLOCK_K] product of at most 4096 elements per K step."""
+    block_b = max(2, triton.next_power_of_2(B))
+    block_h = min(16, max(2, triton.next_power_of_2(triton.cdiv(H, 128))))
+    return block_b, block_h, min(256, max(16, 4096 // (block_b * block_h)))
+
+
 def cell_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
               b_ih: torch.Tensor | None, b_hh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One LSTM step in one launch for B <= STEP_MAX_BATCH rows (generation):
@@ -149,9 +159,7 @@ def cell_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch.Ten
     h1, c1 = torch.empty_like(c), torch.empty_like(c)
     if B == 0 or H == 0:
         return h1, c1
-    BLOCK_B = max(2, triton.next_power_of_2(B))
-    BLOCK_H = min(16, max(2, triton.next_power_of_2(triton.cdiv(H, 128))))  # ~128 programs
-    BLOCK_K = min(256, max(16, 4096 // (BLOCK_B * BLOCK_H)))
+    BLOCK_B, BLOCK_H, BLOCK_K = step_config(B, H)
     has_bias = b_ih is not None
     _cell_step_kernel[(triton.cdiv(H, BLOCK_H),)](
         x, h, c, w_ih, w_hh, b_ih.contiguous() if has_bias else x, b_hh.contiguous() if has_bias else x, h1, c1,
@@ -159,7 +167,8 @@ def cell_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch.Ten
     return h1, c1
 
 
-def _block(H: int) -> int:
+def block(H: int) -> int:
+    """Hidden units per program of the pointwise cell kernels."""
     return min(triton.next_power_of_2(H), 1024)
 
 
@@ -179,7 +188,7 @@ def cell_forward(pre: torch.Tensor, c_prev: torch.Tensor, m_out: torch.Tensor, c
     _check_rows("pre c_prev m_out c_out", pre, c_prev, m_out, c_out)
     act = act_out if act_out is not None else pre  # placeholder pointer, never written when SAVE=False
     _check_rows("act_out", act)
-    BLOCK = _block(H)
+    BLOCK = block(H)
     _cell_fwd_kernel[(n, triton.cdiv(H, BLOCK))](
         pre, pre.stride(0), c_prev, c_prev.stride(0), m_out, m_out.stride(0), c_out, c_out.stride(0),
         act, act.stride(0), H, SAVE=act_out is not None, BLOCK=BLOCK)
@@ -192,7 +201,7 @@ def cell_backward(dm: torch.Tensor, dc: torch.Tensor, act: torch.Tensor, c_prev:
     if n == 0:
         return
     _check_rows("dm dc act c_prev c dg_out", dm, dc, act, c_prev, c, dg_out)
-    BLOCK = _block(H)
+    BLOCK = block(H)
     _cell_bwd_kernel[(n, triton.cdiv(H, BLOCK))](
         dm, dm.stride(0), dc, dc.stride(0), act, act.stride(0), c_prev, c_prev.stride(0), c, c.stride(0),
         dg_out, dg_out.stride(0), H, BLOCK=BLOCK)

@@ -2,7 +2,7 @@
 
 Layout: ``logits`` (R, V) with unit stride along V (any row stride), float16/bfloat16/float32;
 ``out`` (R,) int64; ``seed`` a 1-element int64 device tensor. One program owns ``ROWS`` rows
-(``ROWS = 1`` for large vocabularies) and streams each row in chunks of ``BLOCK_V`` (up to 4096)
+(``ROWS = 1`` for large vocabularies) and streams each row in chunks of ``BLOCK_V`` (up to 2048)
 columns; every per-row quantity below is a ``[ROWS]`` vector. All math is float32.
 
 Per row, with ``s = x * float32(1/T)`` and the order-preserving integer key
@@ -55,6 +55,7 @@ import triton.language as tl
 from .._backend import interpret_mode
 
 NUM_CANDIDATES = 16  # keys evaluated per search pass: log2(16) = 4 bits of the interval per pass
+MAX_BLOCK_V = 2048  # widest chunk of a row per loop iteration (see _config)
 
 
 @triton.jit
@@ -262,22 +263,23 @@ def _segment_topk_kernel(logits_ptr, cand_ptr, cand_idx_ptr, flag_ptr, V, stride
     tl.store(out_idx + slot[None, :], tl.zeros([1, CAP], dtype=tl.int32), mask=pad)
 
 
-def _config(R: int, V: int, block_v: int | None) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_V, num_warps): one row per program in chunks of up to 4096 for big V; several
-    rows share a program for small V.
+def _config(R: int, V: int, block_v: int | None, interpret: bool | None = None) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_V, num_warps): one row per program in chunks of up to 2048 for big V; several
+    rows share a program for small V; eight elements of the [ROWS, BLOCK_V] chunk per thread (one
+    16-byte vector of bf16).
 
-    The search holds a [ROWS, NC, BLOCK_V] compare tile: up to 64K elements over 16 warps (ptxas for
-    sm_90: 128 registers, no spills). Big chunks keep more loads in flight per loop iteration, which
-    a lone program per row needs. Not tuned on a GPU yet. The interpreter runs one program at a
-    time, so there every row of a small problem shares one.
+    The search holds a [ROWS, NC, BLOCK_V] compare tile. ptxas for sm_90 keeps it in registers at
+    eight elements a thread, and spills at sixteen (4096 over 16 warps: over 1 KB per thread in
+    bf16 with Triton 3.6's ptxas), see ``tests/test_sampling.py``. Not tuned on a GPU yet. The
+    interpreter runs one program at a time, so there (``interpret``, default: whether it is on)
+    every row of a small problem shares one.
     """
-    block = block_v or min(triton.next_power_of_2(V), 4096)
-    if interpret_mode():
+    block = block_v or min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    if interpret_mode() if interpret is None else interpret:
         rows = min(triton.next_power_of_2(R), max(1, 8192 // block))
     else:
         rows = min(triton.next_power_of_2(R), max(1, 1024 // block), 16)
-    tile = rows * block
-    return rows, block, 16 if tile >= 4096 else 8 if tile >= 1024 else 4
+    return rows, block, max(1, min(8, rows * block // 256))
 
 
 def sample_tokens(logits: torch.Tensor, seed: torch.Tensor | None, temperature: float, top_k: int, top_p: float,
@@ -333,10 +335,10 @@ def segment_candidates(logits: torch.Tensor, inv_temp: float, top_k: int, plan: 
     cand = torch.empty(R, nseg * cap, dtype=logits.dtype, device=logits.device)
     cand_idx = torch.empty(R, nseg * cap, dtype=torch.int32, device=logits.device)
     flags = torch.empty(R, nseg, dtype=torch.int32, device=logits.device)
-    block = min(triton.next_power_of_2(seg), 4096)
+    _, block, warps = _config(1, seg, None)
     _segment_topk_kernel[(R, nseg)](
         logits, cand, cand_idx, flags, V, logits.stride(0), inv_temp, top_k, seg, nseg * cap,
-        CAP=cap, BLOCK_V=block, NC=NUM_CANDIDATES, num_warps=_config(1, block, block)[2])
+        CAP=cap, BLOCK_V=block, NC=NUM_CANDIDATES, num_warps=warps)
     return cand, cand_idx, flags
 
 
