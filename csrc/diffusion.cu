@@ -32,6 +32,7 @@ struct Params {
   float guidance_scale, clip_range;
   uint64_t seed;
   uint32_t offset;
+  const int64_t* rng_offset;  // or null: added to offset on the device (CUDA-graph replays)
 };
 
 // Philox4x32-10 (Salmon et al. 2011).
@@ -54,8 +55,8 @@ __device__ __forceinline__ float to_uniform(uint32_t w) {
 }
 
 // Four normals for counter (group, b, offset, 0).
-__device__ __forceinline__ float4 normals4(const Params& p, uint32_t group, uint32_t b) {
-  const uint4 r = philox(make_uint4(group, b, p.offset, 0u), static_cast<uint32_t>(p.seed),
+__device__ __forceinline__ float4 normals4(const Params& p, uint32_t offset, uint32_t group, uint32_t b) {
+  const uint4 r = philox(make_uint4(group, b, offset, 0u), static_cast<uint32_t>(p.seed),
                          static_cast<uint32_t>(p.seed >> 32));
   float4 z;
   const float u0 = fmaxf(to_uniform(r.x), 1e-7f), u2 = fmaxf(to_uniform(r.z), 1e-7f);
@@ -154,10 +155,11 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Params p) {
       for (int i = 0; i < PACK; ++i) nv[i] = (VEC || i < count) ? to_float(nz[first + i]) : 0.0f;
     }
   } else if (p.noise_mode == 2) {
+    const uint32_t offset = p.offset + (p.rng_offset ? static_cast<uint32_t>(*p.rng_offset) : 0u);
     if (VEC) {  // PACK is a multiple of 4 and `first` too: whole groups
 #pragma unroll
       for (int q = 0; q < PACK / 4; ++q) {
-        const float4 z = normals4(p, static_cast<uint32_t>((first >> 2) + q), static_cast<uint32_t>(b));
+        const float4 z = normals4(p, offset, static_cast<uint32_t>((first >> 2) + q), static_cast<uint32_t>(b));
         nv[4 * q] = z.x;
         nv[4 * q + 1] = z.y;
         nv[4 * q + 2] = z.z;
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Params p) {
 #pragma unroll
       for (int i = 0; i < PACK; ++i) {
         const int64_t e = first + i;
-        nv[i] = i < count ? lane(normals4(p, static_cast<uint32_t>(e >> 2), static_cast<uint32_t>(b)),
+        nv[i] = i < count ? lane(normals4(p, offset, static_cast<uint32_t>(e >> 2), static_cast<uint32_t>(b)),
                                  static_cast<int>(e & 3))
                           : 0.0f;
       }
@@ -223,7 +225,8 @@ void step(std::uintptr_t sample, std::uintptr_t model_output, std::uintptr_t out
           std::uintptr_t noise, std::uintptr_t coef, std::uintptr_t timesteps, int ts_dtype, int64_t ts_stride,
           std::uintptr_t guidance, std::uintptr_t model_scale, std::uintptr_t threshold, int64_t batch, int64_t n,
           int64_t rows, int64_t key, int cfg, float guidance_scale, int x0_mode, float clip_range, int noise_mode,
-          uint64_t seed, uint32_t offset, int dtype, int noise_dtype, int device, std::uintptr_t stream) {
+          uint64_t seed, uint32_t offset, std::uintptr_t rng_offset, int dtype, int noise_dtype, int device,
+          std::uintptr_t stream) {
   if (batch <= 0 || n <= 0) return;
   if (batch > 65535) throw std::invalid_argument("diffusion_step: batch " + std::to_string(batch) + " > 65535");
   if (key < 0 && (timesteps == 0 || ts_dtype < 0 || ts_dtype > 3))
@@ -241,7 +244,8 @@ void step(std::uintptr_t sample, std::uintptr_t model_output, std::uintptr_t out
            reinterpret_cast<void*>(out), reinterpret_cast<void*>(x0), reinterpret_cast<const void*>(noise),
            as_ptr<const float>(coef), reinterpret_cast<const void*>(timesteps), as_ptr<const float>(guidance),
            as_ptr<const float>(model_scale), as_ptr<const float>(threshold), batch, n, rows, key, ts_stride,
-           ts_dtype, cfg, x0_mode, noise_mode, guidance_scale, clip_range, seed, offset};
+           ts_dtype, cfg, x0_mode, noise_mode, guidance_scale, clip_range, seed, offset,
+           as_ptr<const int64_t>(rng_offset)};
   DeviceGuard guard(device);
   const cudaStream_t s = as_stream(stream);
   dispatch_float_types(dtype, "diffusion_step", [&](auto tag) {

@@ -13,7 +13,9 @@
 // read when key < 0 (the row is the integer timestep; a non-integer or out-of-table timestep gives NaN);
 // guidance, model_scale, threshold [B] fp32 or 0 (null). noise_mode 0 none, 1 given (dtype code
 // noise_dtype), 2 in-kernel Philox4x32-10: element i of sample b takes word (i & 3) of
-// philox(key = seed, counter = (i >> 2, b, offset, 0)), Box-Muller on word pairs (0,1), (2,3).
+// philox(key = seed, counter = (i >> 2, b, offset, 0)), Box-Muller on word pairs (0,1), (2,3); when
+// rng_offset is non-zero it points to one int64 on the device added to offset (mod 2^32) -- the
+// offset a captured CUDA graph reads at each replay.
 // Storage dtype T in {fp32, fp16, bf16}; math in fp32; 16-byte accesses when every pointer is aligned
 // and N is a multiple of the pack (4 fp32 / 8 half), else an element-wise path with the same results.
 #pragma once
@@ -27,7 +29,8 @@ void step(std::uintptr_t sample, std::uintptr_t model_output, std::uintptr_t out
           std::uintptr_t noise, std::uintptr_t coef, std::uintptr_t timesteps, int ts_dtype, int64_t ts_stride,
           std::uintptr_t guidance, std::uintptr_t model_scale, std::uintptr_t threshold, int64_t batch, int64_t n,
           int64_t rows, int64_t key, int cfg, float guidance_scale, int x0_mode, float clip_range, int noise_mode,
-          uint64_t seed, uint32_t offset, int dtype, int noise_dtype, int device, std::uintptr_t stream);
+          uint64_t seed, uint32_t offset, std::uintptr_t rng_offset, int dtype, int noise_dtype, int device,
+          std::uintptr_t stream);
 
 }  // namespace diffusion
 }  // namespace seqgen

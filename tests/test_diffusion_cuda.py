@@ -140,3 +140,23 @@ def test_sample_cuda_graph(cls):
     lat2 = torch.randn_like(lat)
     assert_close_rel(sample(model, fs, lat2, guidance_scale=4.0, num_inference_steps=12, cuda_graph=True),
                      sample(model, fs, lat2, guidance_scale=4.0, num_inference_steps=12), 1e-5, "new latents")
+
+
+def test_sample_cuda_graph_replays_draw_fresh_noise():
+    """DDPM draws noise every step: each replay must draw a new stream -- exactly the one an eager
+    loop starting at the same scheduler offset draws -- not the noise baked in at capture."""
+    w = torch.randn(4, 4, device="cuda") * 0.1
+
+    def model(x, t):
+        return torch.einsum("bchw,cd->bdhw", x, w) + 1e-3 * t.float()
+
+    lat = torch.randn(2, 4, 16, 16, device="cuda")
+    fs = fast_scheduler(diffusers.DDPMScheduler(), seed=5)
+    first = sample(model, fs, lat, num_inference_steps=10, cuda_graph=True)  # eager run (offset 0) + capture
+    per_loop = fs.offset
+    assert per_loop > 0
+    replays = [sample(model, fs, lat, num_inference_steps=10, cuda_graph=True) for _ in range(2)]
+    assert fs.offset == 3 * per_loop  # each replay advances the offset as an eager loop does
+    assert not torch.allclose(replays[0], replays[1]) and not torch.allclose(replays[0], first)
+    fs.offset = 2 * per_loop
+    assert_close_rel(replays[1], sample(model, fs, lat, num_inference_steps=10), 1e-5, "second replay vs eager")

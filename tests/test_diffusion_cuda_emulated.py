@@ -32,10 +32,11 @@ extern "C" int emu_diffusion_step(u sample, u model_output, u out, u x0, u noise
                                   long long ts_stride, u guidance, u model_scale, u threshold, long long batch,
                                   long long n, long long rows, long long key, int cfg, float guidance_scale,
                                   int x0_mode, float clip_range, int noise_mode, unsigned long long seed,
-                                  unsigned offset, int dtype, int noise_dtype) {
+                                  unsigned offset, u rng_offset, int dtype, int noise_dtype) {
   EMU_CALL(seqgen::diffusion::step(sample, model_output, out, x0, noise, coef, timesteps, ts_dtype, ts_stride,
                                    guidance, model_scale, threshold, batch, n, rows, key, cfg, guidance_scale,
-                                   x0_mode, clip_range, noise_mode, seed, offset, dtype, noise_dtype, 0, 0))
+                                   x0_mode, clip_range, noise_mode, seed, offset, rng_offset, dtype, noise_dtype, 0,
+                                   0))
 }
 """
 _P, _I, _L, _F = ctypes.c_size_t, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
@@ -43,7 +44,8 @@ _ARGS = [("sample", _P), ("model_output", _P), ("out", _P), ("x0", _P), ("noise"
          ("timesteps", _P), ("ts_dtype", _I), ("ts_stride", _L), ("guidance", _P), ("model_scale", _P),
          ("threshold", _P), ("batch", _L), ("n", _L), ("rows", _L), ("key", _L), ("cfg", _I),
          ("guidance_scale", _F), ("x0_mode", _I), ("clip_range", _F), ("noise_mode", _I),
-         ("seed", ctypes.c_ulonglong), ("offset", ctypes.c_uint), ("dtype", _I), ("noise_dtype", _I)]
+         ("seed", ctypes.c_ulonglong), ("offset", ctypes.c_uint), ("rng_offset", _P), ("dtype", _I),
+         ("noise_dtype", _I)]
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +61,12 @@ def step(tmp_path_factory):
 
     def run(sample, model_output, coef, key, timesteps=None, guidance=None, model_scale=None, threshold=None,
             noise=None, noise_mode=0, cfg=False, guidance_scale=0.0, x0_mode=0, clip_range=1.0, seed=0, offset=0,
-            write_x0=False, misaligned_out=False):
+            rng_offset=None, write_x0=False, misaligned_out=False):
         out, out_buf = _guarded(sample, misaligned_out)
         x0, x0_buf = _guarded(sample, misaligned_out) if write_x0 else (None, None)
         kw = _cuda_args(sample, model_output, coef, key, timesteps, guidance, model_scale, threshold, noise,
-                        noise_mode, cfg, guidance_scale, x0_mode, clip_range, seed, offset, out, x0, 0, 0)
+                        noise_mode, cfg, guidance_scale, x0_mode, clip_range, seed, offset, rng_offset, out, x0, 0,
+                        0)
         assert kw.pop("device") == 0 and kw.pop("stream") == 0
         if h.emu_diffusion_step(*[kw[name] for name, _ in _ARGS]):
             raise RuntimeError(h.emu_error_message().decode())
@@ -109,7 +112,7 @@ def _reference(sample, model_output, coef, key, timesteps=None, guidance=None, m
                noise=None, noise_mode=0, cfg=False, guidance_scale=0.0, x0_mode=0, clip_range=1.0, seed=0, offset=0):
     return ref.diffusion_step(sample, model_output, coef, key, timesteps, None, cfg, guidance_scale, guidance,
                               model_scale, x0_mode, clip_range, threshold, None, False, noise, noise_mode, seed,
-                              offset, True)
+                              offset, None, True)
 
 
 def _check(got, want, dtype, what):
@@ -237,6 +240,10 @@ def test_emulated_in_kernel_noise_moments_and_seeding(step):
     for other in (dict(seed=12, offset=0), dict(seed=11, offset=1)):
         assert torch.isclose(a, step(z, z, coef, 0, noise_mode=2, **other)[0]).double().mean() < 0.01
     assert not torch.equal(a[0], a[1])  # samples draw different streams
+    # a device-side offset adds to the host one, modulo the 32-bit counter word
+    for host, dev in ((0, 1), (3, 2**32 - 2)):
+        moved = step(z, z, coef, 0, noise_mode=2, seed=11, offset=host, rng_offset=torch.tensor([dev]))[0]
+        assert torch.equal(moved, step(z, z, coef, 0, noise_mode=2, seed=11, offset=1)[0])
     flat = a.double().flatten()
     assert abs(flat.mean()) < 0.05 and abs(flat.var() - 1) < 0.06
     assert 0.3 < (flat.abs() < 0.6745).double().mean() < 0.7  # half the mass inside the quartiles

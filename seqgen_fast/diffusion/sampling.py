@@ -14,9 +14,13 @@ static shapes). The first call for a configuration runs the loop eagerly (that i
 also compiles every kernel specialization and builds the coefficient tables), then captures the
 loop; later calls with the same model_fn, scheduler, shapes, dtype, guidance and step count copy
 the latents into the graph's input and replay it (the graphs live on the fast scheduler: pass
-``fast_scheduler(...)``, not a bare diffusers scheduler, to reuse them). Noise in a graph: in-kernel noise is drawn at
-the (seed, offset) values baked in at capture, so every replay reproduces the same noise; a
-``generator`` is not allowed with ``cuda_graph=True``.
+``fast_scheduler(...)``, not a bare diffusers scheduler, to reuse them).
+
+Noise in a graph is drawn in the kernel, as in an eager loop, and is fresh at every replay: the
+captured steps read their Philox offset from a device tensor that is set to the scheduler's
+``offset`` before each replay, and ``offset`` then advances by the loop's noisy steps, so eager
+loops, the first call and every replay draw disjoint streams (a replay draws exactly what an eager
+loop starting at the same ``offset`` draws). A ``generator`` is not allowed with ``cuda_graph=True``.
 """
 from __future__ import annotations
 
@@ -65,9 +69,11 @@ def sample(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sched
            guidance_scale if not isinstance(guidance_scale, torch.Tensor) else ("tensor", id(guidance_scale)))
     entry = fs._graphs.get(key)
     if entry is not None:
-        graph, static_in, static_out, _keep = entry
+        graph, static_in, static_out, rng_offset, noisy_steps, _keep = entry
         static_in.copy_(latents)
+        rng_offset.fill_(fs.offset)
         graph.replay()
+        fs.offset += noisy_steps
         return static_out.clone()
 
     fs.set_timesteps(num_inference_steps, device=latents.device)
@@ -77,7 +83,13 @@ def sample(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sched
     static_in = latents.clone()
     graph = torch.cuda.CUDAGraph()
     fs.rewind()
-    with torch.cuda.graph(graph):
-        static_out = _loop(model_fn, fs, static_in, guidance_scale, None)
-    fs._graphs[key] = (graph, static_in, static_out, fs._keep_alive())
+    rng_offset = torch.zeros(1, dtype=torch.int64, device=latents.device)
+    offset, fs.offset, fs._rng_offset = fs.offset, 0, rng_offset  # captured offsets: relative to rng_offset
+    try:
+        with torch.cuda.graph(graph):
+            static_out = _loop(model_fn, fs, static_in, guidance_scale, None)
+        noisy_steps = fs.offset
+    finally:
+        fs.offset, fs._rng_offset = offset, None
+    fs._graphs[key] = (graph, static_in, static_out, rng_offset, noisy_steps, fs._keep_alive())
     return result

@@ -229,6 +229,7 @@ class FastScheduler:
         self.backend = backend
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         self.offset = 0
+        self._rng_offset: torch.Tensor | None = None  # device-side offset added to self.offset (graph capture)
         self._output_cls = _dif.output_class(scheduler)
         params = list(inspect.signature(type(scheduler).step).parameters.values())[1:]
         self._step_params = [p.name for p in params]
@@ -473,7 +474,8 @@ class FastScheduler:
             sample, model_output, tab.coef, key, ts, sched, cfg=cfg, guidance_scale=gscale, guidance=guidance,
             guidance_rescale=float(guidance_rescale), x0_mode=self._x0_mode, **self._x0_args,
             history=history, read_history=read_history, noise=noise, noise_mode=noise_mode, seed=self.seed,
-            offset=self.offset, write_x0=self.write_x0 and self.kind != "dpmsolver++", backend=self.backend)
+            offset=self.offset, rng_offset=self._rng_offset if noise_mode == 2 else None,
+            write_x0=self.write_x0 and self.kind != "dpmsolver++", backend=self.backend)
         if noise_mode == 2:
             self.offset += 1
         if self.kind in ("euler", "euler_ancestral", "dpmsolver++") and key >= 0:

@@ -10,7 +10,9 @@ In-kernel noise (Philox4x32-10, ``tl.philox``): the chunk is processed as four c
 quarters of Q = BLOCK/4 elements; element j of quarter q takes word q of
 philox(seed, counter = (chunk*Q + j, b, offset, 0)), turned into a normal by Box-Muller on word
 pairs (0,1) and (2,3). Reproducible for a given (seed, offset, dtype) -- BLOCK depends on the dtype
-(``block_size``: 16-byte accesses per thread) -- and not the CUDA backend's stream.
+(``block_size``: 16-byte accesses per thread) -- and not the CUDA backend's stream. ``rng_offset``
+(a 1-element int64 device tensor), when given, is added to ``offset`` on the device: a captured
+CUDA graph reads it at every replay.
 """
 from __future__ import annotations
 
@@ -81,10 +83,10 @@ def _quarter(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, base, mbase_u, mbase_c
 # Integer arguments that may equal 1 must not become compile-time constants (offset 1 would lose .to()).
 @triton.jit(do_not_specialize=["B", "rows", "n_sched", "key", "ts_stride", "seed", "offset"])
 def _step_kernel(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, coef_ptr, ts_ptr, sched_ptr, g_ptr, ms_ptr, thr_ptr,
-                 N, B, rows, n_sched, key, ts_stride, seed, offset, gscale, clip_range,
+                 rng_ptr, N, B, rows, n_sched, key, ts_stride, seed, offset, gscale, clip_range,
                  LOOKUP: tl.constexpr, SCHED_BLOCK: tl.constexpr, CFG: tl.constexpr, PER_SAMPLE_G: tl.constexpr,
-                 MSCALE: tl.constexpr, X0_MODE: tl.constexpr, NOISE: tl.constexpr, HIST: tl.constexpr,
-                 WRITE_X0: tl.constexpr, NCOEF_: tl.constexpr, BLOCK_: tl.constexpr):
+                 MSCALE: tl.constexpr, X0_MODE: tl.constexpr, NOISE: tl.constexpr, RNG_OFFSET: tl.constexpr,
+                 HIST: tl.constexpr, WRITE_X0: tl.constexpr, NCOEF_: tl.constexpr, BLOCK_: tl.constexpr):
     chunk = tl.program_id(0)
     b = tl.program_id(1)
     # -- the sample's coefficient row (once per program) --
@@ -132,6 +134,8 @@ def _step_kernel(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, coef_ptr, ts_ptr, 
     mbase_c = (b + B).to(tl.int64) * N
     start = chunk.to(tl.int64) * BLOCK_
     if NOISE == 2:
+        if RNG_OFFSET:
+            offset = offset + tl.load(rng_ptr)  # int64: wraps to the 32-bit counter word below
         n0, n1, n2, n3 = _normals(seed, (chunk * Q + j).to(tl.uint32), b.to(tl.uint32), offset.to(tl.uint32))
     else:
         n0 = tl.zeros((Q,), tl.float32)
@@ -154,7 +158,7 @@ def _step_kernel(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, coef_ptr, ts_ptr, 
 
 def diffusion_step(sample, model_output, coef, key, timesteps, schedule_timesteps, cfg, guidance_scale, guidance,
                    model_scale, x0_mode, clip_range, threshold, history, read_history, noise, noise_mode, seed,
-                   offset, write_x0):
+                   offset, rng_offset, write_x0):
     """Launch the fused step (arguments as ``seqgen_fast.reference.diffusion.diffusion_step``)."""
     B = sample.shape[0]
     N = sample.numel() // B if B else 0
@@ -176,10 +180,11 @@ def diffusion_step(sample, model_output, coef, key, timesteps, schedule_timestep
         sample, model_output, out, x0 if write_x0 else out, history if history is not None else out,
         noise if noise_mode == 1 else sample, coef, ts, sched,
         guidance if guidance is not None else coef, model_scale if model_scale is not None else coef,
-        threshold if threshold is not None else coef,
+        threshold if threshold is not None else coef, rng_offset if rng_offset is not None else ts,
         N, B, coef.shape[0], n_sched, key, ts_stride, seed % (2**63), offset % (2**32), float(guidance_scale),
         float(clip_range),
         LOOKUP=lookup, SCHED_BLOCK=triton.next_power_of_2(max(n_sched, 16)), CFG=cfg,
         PER_SAMPLE_G=guidance is not None, MSCALE=model_scale is not None, X0_MODE=x0_mode, NOISE=noise_mode,
-        HIST=hist, WRITE_X0=write_x0, NCOEF_=NCOEF, BLOCK_=block, num_warps=NUM_WARPS)
+        RNG_OFFSET=rng_offset is not None, HIST=hist, WRITE_X0=write_x0, NCOEF_=NCOEF, BLOCK_=block,
+        num_warps=NUM_WARPS)
     return out, x0

@@ -36,9 +36,9 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _common_reasons(backend, sample, model_output, coef, key, timesteps, schedule_timesteps, cfg, guidance_scale,
                     guidance, model_scale, x0_mode, clip_range, threshold, history, read_history, noise, noise_mode,
-                    *rest) -> list[str]:
+                    seed, offset, rng_offset, write_x0) -> list[str]:
     tensors = (sample, model_output, coef, timesteps, schedule_timesteps, guidance, model_scale, threshold, history,
-               noise)
+               noise, rng_offset)
     why = device_reasons(backend, *tensors)
     if why:
         return why
@@ -49,6 +49,8 @@ def _common_reasons(backend, sample, model_output, coef, key, timesteps, schedul
                     ("threshold", threshold)):
         if t is not None and not t.is_contiguous():
             why.append(f"{name} is not contiguous")
+    if rng_offset is not None and rng_offset.dtype != torch.int64:
+        why.append(f"rng_offset dtype {rng_offset.dtype} (the kernels read one int64)")
     return why
 
 
@@ -89,7 +91,7 @@ def _cuda_supports(*args) -> list[str]:
 
 
 def _cuda_args(sample, model_output, coef, key, timesteps, guidance, model_scale, threshold, noise, noise_mode, cfg,
-               guidance_scale, x0_mode, clip_range, seed, offset, out, x0, device, stream) -> dict:
+               guidance_scale, x0_mode, clip_range, seed, offset, rng_offset, out, x0, device, stream) -> dict:
     """Keyword arguments of ``_C.diffusion_step`` (pointers as integers; see csrc/diffusion.h)."""
     B = sample.shape[0]
     return dict(
@@ -100,22 +102,22 @@ def _cuda_args(sample, model_output, coef, key, timesteps, guidance, model_scale
         model_scale=_ext.ptr(model_scale), threshold=_ext.ptr(threshold), batch=B,
         n=sample.numel() // B if B else 0, rows=coef.shape[0], key=key, cfg=int(cfg),
         guidance_scale=float(guidance_scale), x0_mode=x0_mode, clip_range=float(clip_range), noise_mode=noise_mode,
-        seed=seed % (2**63), offset=offset % (2**32), dtype=_ext.dtype_code(sample.dtype),
+        seed=seed % (2**63), offset=offset % (2**32), rng_offset=_ext.ptr(rng_offset), dtype=_ext.dtype_code(sample.dtype),
         noise_dtype=_ext.dtype_code(noise.dtype) if noise_mode == 1 else 0, device=device, stream=stream)
 
 
 @STEP.register("cuda", supports=_cuda_supports)
 def _step_cuda(sample, model_output, coef, key, timesteps, schedule_timesteps, cfg, guidance_scale, guidance,
                model_scale, x0_mode, clip_range, threshold, history, read_history, noise, noise_mode, seed, offset,
-               write_x0):
+               rng_offset, write_x0):
     out = torch.empty_like(sample)
     x0 = torch.empty_like(sample) if write_x0 else sample.new_empty(0)
     if sample.numel() == 0:
         return out, x0
     device = sample.device.index if sample.device.index is not None else torch.cuda.current_device()
     _ext.C.diffusion_step(**_cuda_args(sample, model_output, coef, key, timesteps, guidance, model_scale, threshold,
-                                       noise, noise_mode, cfg, guidance_scale, x0_mode, clip_range, seed, offset, out,
-                                       x0 if write_x0 else None, device, _ext.stream_of(sample)))
+                                       noise, noise_mode, cfg, guidance_scale, x0_mode, clip_range, seed, offset,
+                                       rng_offset, out, x0 if write_x0 else None, device, _ext.stream_of(sample)))
     return out, x0
 
 
@@ -125,7 +127,7 @@ _TS_CODES = {torch.float32: 0, torch.int64: 1, torch.int32: 2, torch.float64: 3}
 
 def _step_fake(sample, model_output, coef, key, timesteps, schedule_timesteps, cfg, guidance_scale, guidance,
                model_scale, x0_mode, clip_range, threshold, history, read_history, noise, noise_mode, seed, offset,
-               write_x0, backend):
+               rng_offset, write_x0, backend):
     return torch.empty_like(sample), (torch.empty_like(sample) if write_x0 else sample.new_empty(0))
 
 
@@ -135,15 +137,15 @@ def _step_op(sample: torch.Tensor, model_output: torch.Tensor, coef: torch.Tenso
              guidance_scale: float, guidance: Optional[torch.Tensor], model_scale: Optional[torch.Tensor],
              x0_mode: int, clip_range: float, threshold: Optional[torch.Tensor], history: Optional[torch.Tensor],
              read_history: bool, noise: Optional[torch.Tensor], noise_mode: int, seed: int, offset: int,
-             write_x0: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+             rng_offset: Optional[torch.Tensor], write_x0: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return STEP.impl(backend)(sample, model_output, coef, key, timesteps, schedule_timesteps, cfg, guidance_scale,
                               guidance, model_scale, x0_mode, clip_range, threshold, history, read_history, noise,
-                              noise_mode, seed, offset, write_x0)
+                              noise_mode, seed, offset, rng_offset, write_x0)
 
 
 def _select(args: tuple, backend: str | None) -> str:
     """STEP.select, memoized on what the supports functions read (devices, dtypes, layouts, which inputs exist)."""
-    tensors = (args[0], args[1], args[2], args[4], args[5], args[8], args[9], args[12], args[13], args[15])
+    tensors = (args[0], args[1], args[2], args[4], args[5], args[8], args[9], args[12], args[13], args[15], args[19])
     key = tuple(None if t is None else (t.device, t.dtype, t.is_contiguous()) for t in tensors)
     return STEP.select_cached(key, *args, backend=backend)
 
@@ -154,12 +156,15 @@ def diffusion_step(sample: torch.Tensor, model_output: torch.Tensor, coef: torch
                    x0_mode: int = 0, clip_range: float = 1.0, threshold_ratio: float = 0.995,
                    threshold_max: float = 1.0, history: torch.Tensor | None = None, read_history: bool = False,
                    noise: torch.Tensor | None = None, noise_mode: int = 0, seed: int = 0, offset: int = 0,
-                   write_x0: bool = False, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   rng_offset: torch.Tensor | None = None, write_x0: bool = False,
+                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused scheduler step for a batch of samples; returns (prev_sample, x0 or an empty tensor).
 
     Arguments as ``seqgen_fast.reference.diffusion.diffusion_step``, plus ``guidance_rescale`` (r of
     diffusers' ``rescale_noise_cfg``; 0 = off) and ``threshold_ratio``/``threshold_max`` (dynamic
     thresholding, x0_mode 2). ``coef`` is a (rows, 8) float32 table on the samples' device.
+    ``rng_offset`` (a 1-element int64 tensor on the device, or None) is added to ``offset`` where the
+    noise is drawn, on the device: the offset a captured CUDA graph reads at each replay.
     """
     B = sample.shape[0]
     if cfg and model_output.shape[0] != 2 * B:
@@ -176,7 +181,7 @@ def diffusion_step(sample: torch.Tensor, model_output: torch.Tensor, coef: torch
         threshold = ref.threshold_scale(x0, threshold_ratio, threshold_max)
     args = (sample, model_output, coef, key, timesteps, schedule_timesteps, cfg, guidance_scale, guidance,
             model_scale, x0_mode, clip_range, threshold, history, read_history, noise, noise_mode, seed, offset,
-            write_x0)
+            rng_offset, write_x0)
     chosen = _select(args, backend)
     if torch.compiler.is_compiling():
         return _step_op(*args, chosen)

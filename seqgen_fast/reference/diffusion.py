@@ -121,11 +121,13 @@ def diffusion_step(sample: torch.Tensor, model_output: torch.Tensor, coef: torch
                    guidance_scale: float, guidance: torch.Tensor | None, model_scale: torch.Tensor | None,
                    x0_mode: int, clip_range: float, threshold: torch.Tensor | None, history: torch.Tensor | None,
                    read_history: bool, noise: torch.Tensor | None, noise_mode: int, seed: int, offset: int,
-                   write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   rng_offset: torch.Tensor | None, write_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused step (see the module docstring); returns (prev_sample, x0c or an empty tensor).
 
-    noise_mode: 0 none, 1 the given ``noise``, 2 drawn in-op from (seed, offset). Math in float32
-    (float64 for float64 inputs); outputs in ``sample``'s dtype; ``history`` updated in place.
+    noise_mode: 0 none, 1 the given ``noise``, 2 drawn in-op from (seed, offset + rng_offset), where
+    ``rng_offset`` is a 1-element int64 tensor or None (0); this backend reads it on the host, so
+    it cannot run inside a CUDA-graph capture. Math in float32 (float64 for float64 inputs); outputs
+    in ``sample``'s dtype; ``history`` updated in place.
     """
     dt = torch.float64 if sample.dtype == torch.float64 else torch.float32
     B, nd = sample.shape[0], sample.dim()
@@ -139,6 +141,11 @@ def diffusion_step(sample: torch.Tensor, model_output: torch.Tensor, coef: torch
     if noise_mode == 1:
         n = noise.to(dt)
     elif noise_mode == 2:
+        if rng_offset is not None:
+            if sample.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("diffusion_step: the reference backend reads rng_offset on the host and cannot "
+                                   "be captured in a CUDA graph (use the triton or cuda backend)")
+            offset = (offset + int(rng_offset.reshape(-1)[0])) % 2**32
         n = draw_noise(sample.shape, sample.device, seed, offset).to(dt)
     if n is not None:
         x = x + col(CPN) * n
