@@ -136,25 +136,14 @@ def _step_kernel(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, coef_ptr, ts_ptr, 
     if NOISE == 2:
         if RNG_OFFSET:
             offset = offset + tl.load(rng_ptr)  # int64: wraps to the 32-bit counter word below
-        n0, n1, n2, n3 = _normals(seed, (chunk * Q + j).to(tl.uint32), b.to(tl.uint32), offset.to(tl.uint32))
+        normals = _normals(seed, (chunk * Q + j).to(tl.uint32), b.to(tl.uint32), offset.to(tl.uint32))
     else:
-        n0 = tl.zeros((Q,), tl.float32)
-        n1 = n0
-        n2 = n0
-        n3 = n0
-    i0 = start + j
-    _quarter(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, base, mbase_u, mbase_c, i0, i0 < N, n0,
-             cx, cm, ax, a0, am, ah, an, cpn, g, ms, thr, clip_range, CFG, X0_MODE, NOISE, HIST, WRITE_X0)
-    i1 = i0 + Q
-    _quarter(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, base, mbase_u, mbase_c, i1, i1 < N, n1,
-             cx, cm, ax, a0, am, ah, an, cpn, g, ms, thr, clip_range, CFG, X0_MODE, NOISE, HIST, WRITE_X0)
-    i2 = i1 + Q
-    _quarter(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, base, mbase_u, mbase_c, i2, i2 < N, n2,
-             cx, cm, ax, a0, am, ah, an, cpn, g, ms, thr, clip_range, CFG, X0_MODE, NOISE, HIST, WRITE_X0)
-    i3 = i2 + Q
-    _quarter(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, base, mbase_u, mbase_c, i3, i3 < N, n3,
-             cx, cm, ax, a0, am, ah, an, cpn, g, ms, thr, clip_range, CFG, X0_MODE, NOISE, HIST, WRITE_X0)
-
+        zero = tl.zeros((Q,), tl.float32)
+        normals = (zero, zero, zero, zero)
+    for q in tl.static_range(4):
+        i = start + q * Q + j
+        _quarter(x_ptr, m_ptr, out_ptr, x0_ptr, h_ptr, n_ptr, base, mbase_u, mbase_c, i, i < N, normals[q],
+                 cx, cm, ax, a0, am, ah, an, cpn, g, ms, thr, clip_range, CFG, X0_MODE, NOISE, HIST, WRITE_X0)
 
 def diffusion_step(sample, model_output, coef, key, timesteps, schedule_timesteps, cfg, guidance_scale, guidance,
                    model_scale, x0_mode, clip_range, threshold, history, read_history, noise, noise_mode, seed,
