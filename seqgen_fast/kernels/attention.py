@@ -93,10 +93,13 @@ def _dot(a, b):
 
 
 @triton.jit
-def _bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
-    """(first row of q, q length, first row of k, k length) of sequence ``b``. Varlen: offsets are
-    clamped into the packed rows (``seqlen_q``/``seqlen_k`` = total rows), so bad cu_seqlens can
-    give wrong sequences but never an access outside q, k, v."""
+def _sequence(bh, HEADS, CU_Q, CU_K, seqlen_q, seqlen_k, BOTTOM_RIGHT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Of program axis 1 = batch x HEADS: (b, head, first row of q, q length, first row of k, k length,
+    causal shift: key j is visible from query row i iff j <= i + shift) of sequence b. Varlen:
+    offsets are clamped into the packed rows (``seqlen_q``/``seqlen_k`` = total rows), so bad
+    cu_seqlens can give wrong sequences but never an access outside q, k, v."""
+    b = bh // HEADS
+    head = bh % HEADS
     if IS_VARLEN:
         q_start = tl.minimum(tl.maximum(tl.load(CU_Q + b), 0), seqlen_q)
         q_len = tl.minimum(tl.maximum(tl.load(CU_Q + b + 1), q_start), seqlen_q) - q_start
@@ -107,7 +110,17 @@ def _bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
         q_len = seqlen_q + b * 0
         k_start = b * 0
         k_len = seqlen_k + b * 0
-    return q_start, q_len, k_start, k_len
+    shift = k_len - q_len if BOTTOM_RIGHT else q_len * 0
+    return b, head, q_start, q_len, k_start, k_len, shift
+
+
+@triton.jit
+def _kv_bases(K, V, b64, hk, k_start, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn):
+    """Pointers to row 0 of sequence b64's keys and values (or their gradients) in kv head ``hk``
+    (64-bit offsets)."""
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    return k_base, v_base
 
 
 @triton.jit
@@ -185,18 +198,14 @@ def _attn_fwd(Q, K, V, O, LSE, MASK, CU_Q, CU_K,
               CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
               IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows start first
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, q_len, k_start, k_len = _bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
+    b, h, q_start, q_len, k_start, k_len, shift = _sequence(tl.program_id(1), H, CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                            BOTTOM_RIGHT, IS_VARLEN)
     if pid_m * BLOCK_M >= q_len:
         return
-    shift = k_len - q_len if BOTTOM_RIGHT else q_len * 0
-    hk = h // GROUP
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
-    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    k_base, v_base = _kv_bases(K, V, b64, h // GROUP, k_start, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                               stride_vn)
     mask_base = MASK + b64 * stride_mb + h.to(tl.int64) * stride_mh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -285,22 +294,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DVT, LSE, DELTA, MASK, CU_Q, CU_K,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HK
-    hk = bh % HK
-    q_start, q_len, k_start, k_len = _bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
-    start_n = pid_n * BLOCK_N
+    b, hk, q_start, q_len, k_start, k_len, shift = _sequence(tl.program_id(1), HK, CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                             BOTTOM_RIGHT, IS_VARLEN)
+    start_n = tl.program_id(0) * BLOCK_N
     if start_n >= k_len:
         return
-    shift = k_len - q_len if BOTTOM_RIGHT else q_len * 0
     b64 = b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < k_len
-    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    k_base, v_base = _kv_bases(K, V, b64, hk, k_start, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                               stride_vn)
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
@@ -333,8 +338,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DVT, LSE, DELTA, MASK, CU_Q, CU_K,
                              stride_mm, stride_mn, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, MASK_BOOL,
                              False)
     dk = dk * sm_scale
-    dk_base = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkn
-    dv_base = DVT + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_start.to(tl.int64) * stride_dvn
+    dk_base, dv_base = _kv_bases(DK, DVT, b64, hk, k_start, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+                                 stride_dvh, stride_dvn)
     tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < D))
     tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DVT.dtype.element_ty),
@@ -378,14 +383,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K,
                  CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                  IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows start first
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q_start, q_len, k_start, k_len = _bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
+    b, h, q_start, q_len, k_start, k_len, shift = _sequence(tl.program_id(1), H, CU_Q, CU_K, seqlen_q, seqlen_k,
+                                                            BOTTOM_RIGHT, IS_VARLEN)
     if pid_m * BLOCK_M >= q_len:
         return
-    shift = k_len - q_len if BOTTOM_RIGHT else q_len * 0
-    hk = h // GROUP
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -394,8 +395,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K,
     row_ok = offs_m < q_len
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
     do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start.to(tl.int64) * stride_dom
-    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    k_base, v_base = _kv_bases(K, V, b64, h // GROUP, k_start, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                               stride_vn)
     l_off = b64 * stride_lb + h64 * stride_lh + q_start.to(tl.int64) * stride_lm
     mask_base = MASK + b64 * stride_mb + h64 * stride_mh
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
