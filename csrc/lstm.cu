@@ -175,6 +175,24 @@ __device__ __forceinline__ void block_tiles(Dot&& dot, int rows, int batch_tile,
   }
 }
 
+// part = the rows x batch_tile product of w_s [rows][k_pad] and x_s [batch_tile][k_pad], both in
+// shared memory (one row of each per dot), in block_tiles' k-part layout.
+template <int BT, int VEC, typename TW, typename TX>
+__device__ __forceinline__ void shared_product(const TW* w_s, const TX* x_s, int k_pad, int rows, int batch_tile,
+                                               int ksplit, float* part) {
+  block_tiles<kRT, BT, VEC>(
+      [&](float (&acc)[kRT][BT], int r0, int b0, int start, int stride) {
+        const TW* a[kRT];
+        const TX* x[BT];
+#pragma unroll
+        for (int r = 0; r < kRT; ++r) a[r] = w_s + (r0 + r) * k_pad;
+#pragma unroll
+        for (int b = 0; b < BT; ++b) x[b] = x_s + (b0 + b) * k_pad;
+        dot_accumulate<VEC>(acc, a, x, k_pad, start, stride);
+      },
+      rows, batch_tile, ksplit, part);
+}
+
 // Copies rows [0, nb) x [0, K) of src (row stride K) into dst (batch_tile x k_pad), zero elsewhere.
 // Reads bypass L1 (other blocks of this launch wrote src).
 template <typename T>
@@ -235,17 +253,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) lstm_sequence_forward_kernel(F
       __syncthreads();  // x_s and part free again; w_s and c_s written
       stage_rows(x_s, h_prev + static_cast<int64_t>(b0) * H, nb, tile_b, H, k_pad);
       __syncthreads();
-      block_tiles<kRT, BT, VEC>(
-          [&](float (&acc)[kRT][BT], int r0, int bb, int start, int stride) {
-            const T* a[kRT];
-            const T* x[BT];
-#pragma unroll
-            for (int r = 0; r < kRT; ++r) a[r] = w_s + (r0 + r) * k_pad;
-#pragma unroll
-            for (int b = 0; b < BT; ++b) x[b] = x_s + (bb + b) * k_pad;
-            dot_accumulate<VEC>(acc, a, x, k_pad, start, stride);
-          },
-          rows, tile_b, p.ksplit, part);
+      shared_product<BT, VEC>(w_s, x_s, k_pad, rows, tile_b, p.ksplit, part);
       __syncthreads();
       for (int idx = threadIdx.x; idx < nb * U; idx += blockDim.x) {
         const int b = idx / U, u = idx - b * U, j = j0 + u;
@@ -328,17 +336,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) lstm_sequence_backward_kernel(
       if (t < p.T - 1) {  // recurrent gradient from step t+1 (from step 0 when t == -1)
         stage_rows(x_s, grad_gates + (static_cast<int64_t>(t + 1) * B + b0) * K, nb, tile_b, K, k_pad);
         __syncthreads();
-        block_tiles<kRT, BT, VEC>(
-            [&](float (&acc)[kRT][BT], int r0, int bb, int start, int stride) {
-              const T* a[kRT];
-              const float* x[BT];
-#pragma unroll
-              for (int r = 0; r < kRT; ++r) a[r] = w_s + (r0 + r) * k_pad;
-#pragma unroll
-              for (int b = 0; b < BT; ++b) x[b] = x_s + (bb + b) * k_pad;
-              dot_accumulate<VEC>(acc, a, x, k_pad, start, stride);
-            },
-            rows, tile_b, p.ksplit, part);
+        shared_product<BT, VEC>(w_s, x_s, k_pad, rows, tile_b, p.ksplit, part);
         __syncthreads();
       }
       for (int idx = threadIdx.x; idx < nb * U; idx += blockDim.x) {
