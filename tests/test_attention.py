@@ -395,6 +395,21 @@ def test_varlen_rows_outside_every_sequence_are_zero(device):
         assert out[:7].abs().sum() > 0
 
 
+def test_sequences_past_32_bit_offsets_go_to_another_backend():
+    """One sequence of 2^18 + 1 rows x 64 heads x 128 in the flash layout spans 2^31 + 128 elements: the
+    kernels' 32-bit offsets within a sequence cannot address it, so the dispatcher must say so (meta
+    tensors: nothing is allocated). 2^18 rows fit; so does the (B, H, L, D) layout of either size."""
+    L = 2**18 + 1
+    flash = torch.empty(1, L, 64, 128, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+    why = ops._kernel_reasons(flash, flash, flash, None, None)
+    for name in ("query", "key", "value", "output"):
+        assert any(r.startswith(f"{name}: one sequence spans 2147483776 elements") for r in why), why
+    fits = flash[:, :, :-1]
+    assert not [r for r in ops._kernel_reasons(fits, fits, fits, None, None) if "32-bit" in r]
+    heads_outer = torch.empty(1, 64, L, 128, device="meta", dtype=torch.bfloat16)
+    assert not [r for r in ops._kernel_reasons(heads_outer, heads_outer, heads_outer, None, None) if "32-bit" in r]
+
+
 def test_varlen_offsets_past_the_end_are_clamped(device):
     """With max_seqlen given nothing is checked on the host; offsets past the packed rows are
     clamped in the kernel (no access outside k/v), matching the reference's slicing."""

@@ -27,7 +27,7 @@ def _tanh(x):
 @triton.jit
 def _cell_fwd_kernel(pre_ptr, s_pre, cp_ptr, s_cp, m_ptr, s_m, c_ptr, s_c, act_ptr, s_act, H,
                      SAVE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # rows x row stride may pass 2^31
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
     p = pre_ptr + row * s_pre + cols
@@ -52,7 +52,7 @@ def _cell_fwd_kernel(pre_ptr, s_pre, cp_ptr, s_cp, m_ptr, s_m, c_ptr, s_c, act_p
 @triton.jit
 def _cell_bwd_kernel(dm_ptr, s_dm, dc_ptr, s_dc, act_ptr, s_act, cp_ptr, s_cp, c_ptr, s_c, dg_ptr, s_dg, H,
                      BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # rows x row stride may pass 2^31
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
     a = act_ptr + row * s_act + cols

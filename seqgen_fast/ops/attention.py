@@ -46,6 +46,17 @@ def _kernel_reasons(q, k, v, mask, cu_q) -> list[str]:
     for name, d in (("query/key", q.shape[-1]), ("value", v.shape[-1])):
         if not 1 <= d <= MAX_HEAD_DIM:
             reasons.append(f"{name} head dim {d} is outside 1..{MAX_HEAD_DIM}")
+    # the kernels form offsets within one sequence (rows x row stride) in 32 bits
+    Ev = v.shape[-1]
+    spans = [(name, (t.shape[-2] - 1) * abs(t.stride(-2)) + (t.shape[-1] - 1) * abs(t.stride(-1)) + 1)
+             for name, t in (("query", q), ("key", k), ("value", v)) if t.dim() >= 2]
+    if q.dim() >= 2:  # the output is allocated in q's memory order (reference.new_output)
+        heads_inner = q.dim() >= 3 and q.stride(-3) < q.stride(-2)
+        spans.append(("output", (q.shape[-2] - 1) * (q.shape[-3] * Ev if heads_inner else Ev) + Ev))
+    for name, span in spans:
+        if span >= 2**31:
+            reasons.append(f"{name}: one sequence spans {span} elements, past the kernels' 32-bit offsets "
+                           "within a sequence")
     if mask is not None:
         if cu_q is not None:
             reasons.append("attn_mask with packed varlen sequences is not supported")
