@@ -3,11 +3,38 @@
 // The extension is torch-ABI-free: launchers receive raw device pointers, sizes, strides and the
 // CUDA stream as integers, so nothing here includes a libtorch header. CUDA errors are thrown as
 // std::runtime_error carrying cudaGetErrorString; pybind11 turns them into Python RuntimeError.
+//
+// This header is also the seam through which the tests' host emulation (tests/support/emulation/)
+// compiles the kernels. Kernel files take every CUDA header from here and write the two constructs
+// that differ between the device and the emulation with these macros:
+//
+//   SEQGEN_DYNAMIC_SMEM()
+//       The running block's dynamic shared memory, 16-byte aligned, as unsigned char*.
+//   SEQGEN_LAUNCH(kernel, grid, block, smem, stream, args...)
+//       An ordinary (non-cooperative) launch: kernel<<<grid, block, smem, stream>>>(args...).
+//       `kernel` must be one preprocessor token: name a template instance through a local variable,
+//       e.g. `const auto kernel = step_kernel<T, NT, true>; SEQGEN_LAUNCH(kernel, grid, 256, 0, s, p);`
+//
+// With SEQGEN_HOST_EMULATION defined, seqgen_emulation.h stands in for <cuda_runtime.h>,
+// <cuda_fp16.h>, <cuda_bf16.h> and <cooperative_groups.h> (runtime API calls such as
+// cudaLaunchCooperativeKernel and cudaLaunchKernel included), and the macros expand to its
+// emu_smem_ptr and emu_chevron(...).
 #pragma once
 
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
+#ifdef SEQGEN_HOST_EMULATION
+#include "seqgen_emulation.h"
+#define SEQGEN_DYNAMIC_SMEM() (emu_smem_ptr)
+#define SEQGEN_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  emu_chevron(kernel, grid, block, smem, stream, __VA_ARGS__)
+#else
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define SEQGEN_DYNAMIC_SMEM() (::seqgen::dynamic_smem())
+#define SEQGEN_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif
 
 #include <cstdint>
 #include <stdexcept>
@@ -15,8 +42,8 @@
 
 namespace seqgen {
 
-// Dtype codes shared with seqgen_fast/_ext.py (DTYPE_CODES).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// Storage dtype codes shared with seqgen_fast/_contract.py (DTYPE_CODES).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 inline void cuda_check(cudaError_t err, const char* what, const char* file, int line) {
   if (err != cudaSuccess) {
@@ -44,6 +71,14 @@ class DeviceGuard {
  private:
   int prev_ = 0;
 };
+
+#ifndef SEQGEN_HOST_EMULATION
+// What SEQGEN_DYNAMIC_SMEM() reads on the device: the launch's dynamic shared memory.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char dynamic_smem_bytes[];
+  return dynamic_smem_bytes;
+}
+#endif
 
 template <typename T>
 inline T* as_ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }

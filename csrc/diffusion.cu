@@ -80,8 +80,7 @@ __device__ __forceinline__ float read_timestep(const Params& p, int64_t b) {
   switch (p.ts_dtype) {
     case 0: return static_cast<const float*>(p.ts)[i];
     case 1: return static_cast<float>(static_cast<const int64_t*>(p.ts)[i]);
-    case 2: return static_cast<float>(static_cast<const int32_t*>(p.ts)[i]);
-    default: return static_cast<float>(static_cast<const double*>(p.ts)[i]);
+    default: return static_cast<float>(static_cast<const int32_t*>(p.ts)[i]);  // 2 (step admits 0..2)
   }
 }
 
@@ -212,8 +211,8 @@ void launch(const Params& p, bool vec, cudaStream_t stream) {
   constexpr int PACK = 16 / sizeof(T);
   const int64_t per_block = static_cast<int64_t>(kThreads) * PACK;
   const dim3 grid(static_cast<unsigned>((p.n + per_block - 1) / per_block), static_cast<unsigned>(p.batch));
-  if (vec) step_kernel<T, NT, true><<<grid, kThreads, 0, stream>>>(p);
-  else step_kernel<T, NT, false><<<grid, kThreads, 0, stream>>>(p);
+  const auto kernel = vec ? step_kernel<T, NT, true> : step_kernel<T, NT, false>;
+  SEQGEN_LAUNCH(kernel, grid, kThreads, 0, stream, p);
   SEQGEN_CHECK_LAUNCH("diffusion step_kernel");
 }
 
@@ -229,8 +228,9 @@ void step(std::uintptr_t sample, std::uintptr_t model_output, std::uintptr_t out
           std::uintptr_t stream) {
   if (batch <= 0 || n <= 0) return;
   if (batch > 65535) throw std::invalid_argument("diffusion_step: batch " + std::to_string(batch) + " > 65535");
-  if (key < 0 && (timesteps == 0 || ts_dtype < 0 || ts_dtype > 3))
-    throw std::invalid_argument("diffusion_step: key < 0 needs timesteps with a dtype code in 0..3");
+  if (key < 0 && (timesteps == 0 || ts_dtype < 0 || ts_dtype > 2))
+    throw std::invalid_argument("diffusion_step: key < 0 needs timesteps with a dtype code in 0..2 "
+                                "(0 float32, 1 int64, 2 int32; got " + std::to_string(ts_dtype) + ")");
   if (x0_mode == 2 && threshold == 0) throw std::invalid_argument("diffusion_step: x0_mode 2 needs threshold");
   if (noise_mode == 1 && noise == 0) throw std::invalid_argument("diffusion_step: noise_mode 1 needs noise");
   const int esize = dtype == kFloat32 ? 4 : 2;

@@ -9,7 +9,7 @@
 //   out = c.x x' + c.x0 x0c + c.m m + c.noise n
 //
 // Layouts: sample, out, x0, noise [B, N] contiguous; model_output [B or 2B, N]; coef [rows, 8] fp32;
-// timesteps [B] (stride ts_stride, 0 = one for all) of dtype code ts_dtype (0 f32, 1 i64, 2 i32, 3 f64),
+// timesteps [B] (stride ts_stride, 0 = one for all) of dtype code ts_dtype (0 f32, 1 i64, 2 i32),
 // read when key < 0 (the row is the integer timestep; a non-integer or out-of-table timestep gives NaN);
 // guidance, model_scale, threshold [B] fp32 or 0 (null). noise_mode 0 none, 1 given (dtype code
 // noise_dtype), 2 in-kernel Philox4x32-10: element i of sample b takes word (i & 3) of

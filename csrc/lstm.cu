@@ -16,8 +16,6 @@
 // it), computes the tiles, applies the pointwise cell (or cell-backward) update with the fp32 cell
 // state kept in shared memory, writes its units' outputs, and meets the other blocks at a grid-wide
 // barrier (cooperative launch), the only inter-block synchronisation.
-#include <cooperative_groups.h>
-
 #include <algorithm>
 #include <string>
 #include <utility>
@@ -54,12 +52,6 @@ struct SmemLayout {
     total = state + round_up(static_cast<int64_t>(batch) * units * 4, 16);
   }
 };
-
-// The block's dynamic shared memory (16-byte aligned).
-__device__ __forceinline__ unsigned char* dynamic_smem() {
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  return smem_bytes;
-}
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 
@@ -226,7 +218,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) lstm_sequence_forward_kernel(F
   const int H = p.H, B = p.B, U = p.units, rows = 4 * U, k_pad = p.k_pad, tile_b = p.batch_tile;
   const int j0 = blockIdx.x * U;
   const SmemLayout lay(rows, k_pad, tile_b, p.ksplit, B, U, sizeof(T), sizeof(T));
-  unsigned char* smem = dynamic_smem();
+  unsigned char* smem = SEQGEN_DYNAMIC_SMEM();
   T* w_s = reinterpret_cast<T*>(smem);
   T* x_s = reinterpret_cast<T*>(smem + lay.x);
   float* part = reinterpret_cast<float*>(smem + lay.part);
@@ -307,7 +299,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) lstm_sequence_backward_kernel(
   const int k_pad = p.k_pad, tile_b = p.batch_tile;
   const int j0 = blockIdx.x * U;
   const SmemLayout lay(rows, k_pad, tile_b, p.ksplit, B, U, sizeof(T), sizeof(float));
-  unsigned char* smem = dynamic_smem();
+  unsigned char* smem = SEQGEN_DYNAMIC_SMEM();
   T* w_s = reinterpret_cast<T*>(smem);  // [rows][k_pad]: row u = column j0+u of W_hh
   float* x_s = reinterpret_cast<float*>(smem + lay.x);
   float* part = reinterpret_cast<float*>(smem + lay.part);
@@ -387,7 +379,7 @@ template <typename T, int VEC, int BT>
 __global__ void __launch_bounds__(kCellThreads) lstm_cell_kernel(CellParams p) {
   const int H = p.H, B = p.B, I = p.I, U = p.units, rows = 4 * U, tile_b = p.batch_tile;
   const int j0 = blockIdx.x * U;
-  unsigned char* smem = dynamic_smem();
+  unsigned char* smem = SEQGEN_DYNAMIC_SMEM();
   float* part = reinterpret_cast<float*>(smem);
   const T* x = static_cast<const T*>(p.x);
   const T* h = static_cast<const T*>(p.h);

@@ -152,6 +152,47 @@ def device_reasons(name: str, *tensors: torch.Tensor | None) -> list[str]:
     return [f"tensors on {dev}; the {name} backend needs CUDA tensors"]
 
 
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one backend of one op takes, declared as data (``seqgen-fast info`` prints it).
+
+    ``backend`` fixes the device rule (:func:`device_reasons`); ``dtypes`` are the storage dtypes
+    of the op's compute tensor (its first tensor argument); ``head_dims`` is an inclusive
+    ``(low, high)`` range for ops with attention heads; ``dtype_note`` says why a dtype is left
+    out, when that is not obvious. :meth:`reasons` turns the declaration into the reasons a call
+    cannot be taken; a family's ``supports`` function adds what only it knows (shapes, on-chip
+    capacity).
+    """
+
+    backend: str
+    dtypes: tuple[torch.dtype, ...]
+    head_dims: tuple[int, int] | None = None
+    dtype_note: str = ""
+
+    def reasons(self, *tensors: torch.Tensor | None, head_dims: tuple[int, ...] = ()) -> list[str]:
+        """Device, dtype and head-dim reasons for ``tensors`` (the first non-None one sets the dtype)."""
+        why = device_reasons(self.backend, *tensors)
+        first = next((t for t in tensors if t is not None), None)
+        if first is not None and first.dtype not in self.dtypes:
+            note = f" ({self.dtype_note})" if self.dtype_note else ""
+            why.append(f"dtype {str(first.dtype).removeprefix('torch.')} is not one of {_dtype_names(self.dtypes)}"
+                       + note)
+        if self.head_dims is not None:
+            lo, hi = self.head_dims
+            why += [f"head dim {d} is outside {lo}..{hi}" for d in head_dims if not lo <= d <= hi]
+        return why
+
+    def describe(self) -> str:
+        text = _dtype_names(self.dtypes)
+        if self.head_dims is not None:
+            text += f"; head dims {self.head_dims[0]}..{self.head_dims[1]}"
+        return text
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-op dispatch
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +203,7 @@ Supports = Callable[..., list[str]]
 class _Impl:
     fn: Callable
     supports: Supports
+    caps: Capabilities | None
 
 
 @dataclass
@@ -178,11 +220,15 @@ class Dispatcher:
     impls: dict[str, _Impl] = field(default_factory=dict)
     _memo: dict[tuple, str] = field(default_factory=dict, repr=False)
 
-    def register(self, backend: str, supports: Supports | None = None) -> Callable[[Callable], Callable]:
+    def register(self, backend: str, supports: Supports | None = None,
+                 caps: Capabilities | None = None) -> Callable[[Callable], Callable]:
+        """Decorator: ``fn`` runs this op on ``backend``. ``supports(*args, **kwargs)`` returns the
+        reasons it cannot take a call (none: it takes everything); ``caps`` is the declaration
+        those reasons come from, kept for ``seqgen-fast info``."""
         _check_name(backend, f"{self.name}.register")
 
         def deco(fn: Callable) -> Callable:
-            self.impls[backend] = _Impl(fn, supports or (lambda *a, **k: []))
+            self.impls[backend] = _Impl(fn, supports or (lambda *a, **k: []), caps)
             return fn
 
         return deco
@@ -236,10 +282,6 @@ class Dispatcher:
     def impl(self, backend: str) -> Callable:
         return self.impls[backend].fn
 
-    def __call__(self, *args, backend: str | None = None, **kwargs):
-        chosen = self.select(*args, backend=backend, **kwargs)
-        return self.impls[chosen].fn(*args, **kwargs)
-
 
 _DISPATCHERS: dict[str, Dispatcher] = {}
 
@@ -253,5 +295,6 @@ def dispatcher(name: str, order: tuple[str, ...] = BACKENDS) -> Dispatcher:
     return _DISPATCHERS[name]
 
 
-def all_dispatchers() -> dict[str, Dispatcher]:
+def dispatchers() -> dict[str, Dispatcher]:
+    """Every op's dispatcher created so far (``seqgen-fast info`` lists their capabilities)."""
     return dict(_DISPATCHERS)

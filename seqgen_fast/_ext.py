@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ._contract import DTYPE_CODES
+
 try:
     from . import _C as C  # type: ignore[attr-defined]
 
@@ -16,12 +18,15 @@ except ImportError as exc:  # not built: SEQGEN_FAST_SKIP_CUDA, no nvcc at insta
     reason = (f"seqgen_fast._C is not built ({exc}); reinstall with nvcc on PATH "
               "(pip install -e . --no-build-isolation) and SEQGEN_FAST_SKIP_CUDA unset")
 
-# Codes shared with csrc/common.cuh (enum DType).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-
 
 def dtype_code(dtype: torch.dtype) -> int:
+    """The storage dtype code of ``csrc/common.cuh`` (``enum DType``) for ``dtype``."""
     return DTYPE_CODES[dtype]
+
+
+def device_index(t: torch.Tensor) -> int:
+    """The CUDA device index of ``t`` (the current device for a bare ``cuda`` device)."""
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 def stream_of(t: torch.Tensor) -> int:

@@ -1,20 +1,14 @@
-"""Functional API: ``seqgen_fast.functional.<op>`` (each loads its family on first use).
+"""Functional API: ``seqgen_fast.functional.<op>``, one entry per op of every kernel family.
 
-* ``lstm``, ``lstm_cell``                 -- LSTM over raw weights (``seqgen_fast.ops.lstm``)
-* ``scaled_dot_product_attention``        -- drop-in for torch's SDPA (``seqgen_fast.ops.attention``)
-* ``flash_attention``                     -- (batch, seq, heads, dim) flash attention, varlen, GQA
-* ``decode_attention``                    -- split-KV decode over a KV cache (``seqgen_fast.ops.decode``)
-* ``sample_tokens``                       -- fused temperature / top-k / top-p sampling
+The names come from the family manifest (``seqgen_fast._families``); each loads its family's
+``ops`` module on first use. Today: ``lstm``, ``lstm_cell``, ``scaled_dot_product_attention``
+(drop-in for torch's), ``flash_attention`` ((batch, seq, heads, dim), varlen, GQA),
+``decode_attention`` (split-KV decode over a KV cache) and ``sample_tokens`` (fused temperature /
+top-k / top-p sampling).
 """
+from ._families import exports
 from ._lazy import lazy_getattr
 
-_EXPORTS = {
-    "lstm": "seqgen_fast.ops.lstm",
-    "lstm_cell": "seqgen_fast.ops.lstm",
-    "scaled_dot_product_attention": "seqgen_fast.ops.attention",
-    "flash_attention": "seqgen_fast.ops.attention",
-    "decode_attention": "seqgen_fast.ops.decode",
-    "sample_tokens": "seqgen_fast.ops.sampling",
-}
+_EXPORTS = exports(__name__)
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -27,7 +27,7 @@ def test_cpu_tensors_go_to_reference_with_reasons_for_the_others(monkeypatch):
     d, calls = make_toy()
     x = torch.randn(4)
     assert d.select(x) == "reference"
-    torch.testing.assert_close(d(x), x * 2)
+    torch.testing.assert_close(d.impl(d.select(x))(x), x * 2)
     assert calls == ["reference"]
     cuda_why = d.reasons("cuda", x)
     assert cuda_why and ("CUDA" in cuda_why[0] or "_C" in cuda_why[0])
@@ -59,7 +59,7 @@ def test_forced_backend_that_cannot_take_input_raises_with_its_reason(monkeypatc
     d, calls = make_toy()
     x = torch.randn(3)
     with pytest.raises(BackendError, match="size 3 is odd"):
-        d(x, backend="triton")
+        d.select(x, backend="triton")
     assert calls == []
 
 
@@ -78,7 +78,7 @@ def test_no_capable_backend_lists_every_reason(monkeypatch):
     for name in ("cuda", "triton", "reference"):
         d.register(name, supports=lambda *a, _n=name: [f"{_n} says no"])(lambda *a: None)
     with pytest.raises(BackendError) as exc:
-        d(torch.randn(2))
+        d.select(torch.randn(2))
     msg = str(exc.value)
     assert "picky" in msg and "reference: reference says no" in msg
     assert "cuda:" in msg and "triton:" in msg
@@ -116,3 +116,13 @@ def test_select_cached_memoizes_but_sees_forcing(monkeypatch):
     assert d.select_cached(("k",), x, backend="triton") == "triton"  # forcing is part of the key
     with use_backend("triton"):
         assert d.select_cached(("k",), x) == "triton"
+
+
+def test_capabilities_are_data_that_give_reasons():
+    caps = _backend.Capabilities("reference", dtypes=(torch.float16,), head_dims=(16, 64), dtype_note="why not")
+    x = torch.randn(2, 8)
+    assert caps.reasons(x.half(), head_dims=(16, 64)) == []
+    assert caps.reasons(x, head_dims=(8,)) == ["dtype float32 is not one of float16 (why not)",
+                                               "head dim 8 is outside 16..64"]
+    assert caps.describe() == "float16; head dims 16..64"
+    assert "CUDA" in _backend.Capabilities("cuda", dtypes=(torch.float32,)).reasons(x)[0]

@@ -1,11 +1,16 @@
 """The seqgen-fast command line: info, check, bench."""
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from seqgen_fast import cli
+from seqgen_fast import bench, cli
+from seqgen_fast import checks as checks_pkg
+from seqgen_fast._families import NAMES
+from seqgen_fast.checks import load_all
 
 
 def run_cli(*args):
@@ -24,26 +29,64 @@ def test_info_names_every_backend_with_state_or_reason():
     assert "torch" in out.stdout and "_C" in out.stdout
 
 
+def test_info_lists_each_ops_backends_and_what_they_take():
+    out = run_cli("info")
+    assert out.returncode == 0, out.stderr
+    ops = out.stdout.split("ops (", 1)[1]
+    assert "lstm_sequence" in ops and "cuda [float32, float16, bfloat16]" in ops
+    assert "scaled_dot_product_attention" in ops and "head dims 1..256" in ops
+    assert "families    " + ", ".join(NAMES) in out.stdout
+
+
 def test_check_runs_every_registered_op_and_passes(capsys):
     # In-process on the reference backend (the CPU path): every op, a table, exit code 0.
-    from seqgen_fast._checks import all_checks
-    from seqgen_fast.ops import load_all
-
-    load_all()
-    assert len(all_checks()) >= 5, sorted(all_checks())
+    checks = load_all()
+    assert {name.split(".")[0].split("_")[0] for name in checks} >= {"lstm", "attention", "decode", "diffusion",
+                                                                       "sample"}
     code = cli.main(["check", "--backend", "reference"])
     out = capsys.readouterr().out
     assert code == 0, out
-    for name in all_checks():
+    for name in checks:
         assert name in out
     assert " failed" in out and "0 failed" in out
+    assert "reference: " in out.split("verified, by backend:")[1]
+
+
+def test_check_without_an_optional_package_says_na_with_the_install_hint(monkeypatch, capsys):
+    # A check that needs a package that is not installed: "n/a" with the hint, never a failure.
+    monkeypatch.setattr(checks_pkg, "_CHECKS", {})
+    checks_pkg.register_check("needs_missing", dtypes=(torch.float32,), requires=("no_such_package_xyz",))(
+        lambda device, dtype: {"out": (torch.ones(3), torch.full((3,), 2.0))})
+    code = cli.main(["check", "--backend", "reference"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "n/a" in out and "pip install 'seqgen_fast[no_such_package_xyz]'" in out
+
+
+def test_newcomer_path_passes_without_any_optional_package():
+    """`seqgen-fast info && seqgen-fast check && seqgen-fast bench --quick` on a machine where neither
+    diffusers nor transformers is installed (their imports made to fail) and no GPU: exit 0 each."""
+    hide = "import sys; sys.modules.update(diffusers=None, transformers=None); from seqgen_fast.cli import main; "
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for args in (["info"], ["check"], ["bench", "--quick"]):
+        out = subprocess.run([sys.executable, "-c", hide + f"sys.exit(main({args!r}))"], capture_output=True,
+                             text=True, timeout=600, env=env)
+        assert out.returncode == 0, (args, out.stdout[-3000:], out.stderr[-3000:])
+        if args == ["check"]:
+            assert "0 failed" in out.stdout
+            assert "needs diffusers, not installed (pip install 'seqgen_fast[diffusers]')" in out.stdout
+
+
+def test_check_of_one_family_runs_only_its_checks(capsys):
+    assert cli.main(["check", "--backend", "reference", "--family", "decode"]) == 0
+    out = capsys.readouterr().out
+    assert "decode_attention" in out and "lstm_cell" not in out
 
 
 def test_check_exit_code_is_nonzero_on_a_failure(monkeypatch, capsys):
-    from seqgen_fast import _checks
-
-    monkeypatch.setattr(_checks, "_CHECKS", {})
-    _checks.register_check("always_wrong", dtypes=(torch.float32,))(
+    monkeypatch.setattr(checks_pkg, "_CHECKS", {})
+    monkeypatch.setattr(checks_pkg, "load_all", lambda families=None: {})
+    checks_pkg.register_check("always_wrong", dtypes=(torch.float32,))(
         lambda device, dtype: {"out": (torch.ones(3), torch.full((3,), 2.0))})
     code = cli.main(["check", "--backend", "reference"])
     out = capsys.readouterr().out
@@ -51,48 +94,52 @@ def test_check_exit_code_is_nonzero_on_a_failure(monkeypatch, capsys):
 
 
 def test_check_reports_crashes_as_failures(monkeypatch, capsys):
-    from seqgen_fast import _checks
-
-    monkeypatch.setattr(_checks, "_CHECKS", {})
+    monkeypatch.setattr(checks_pkg, "_CHECKS", {})
+    monkeypatch.setattr(checks_pkg, "load_all", lambda families=None: {})
 
     def boom(device, dtype):
         raise ValueError("kaboom")
 
-    _checks.register_check("crashes", dtypes=(torch.float32,))(boom)
+    checks_pkg.register_check("crashes", dtypes=(torch.float32,))(boom)
     assert cli.main(["check", "--backend", "reference"]) == 1
     assert "kaboom" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message is for machines without one")
-def test_bench_without_gpu_says_so_and_prints_no_timings():
+def test_bench_without_gpu_says_what_check_verified_and_prints_no_timings():
     out = run_cli("bench", "--quick")
     assert out.returncode == 0
     assert "GPU timings need a GPU" in out.stdout
+    assert "reference backend" in out.stdout and "have not run here" in out.stdout
     assert " us" not in out.stdout
+
+
+def test_bench_dry_run_times_every_familys_tiny_case_on_the_cpu(tmp_path):
+    out = run_cli("bench", "--dry-run", "--json", str(tmp_path / "b.json"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["meta"]["mode"] == "tiny" and "dry run" in data["meta"]["device"]
+    assert {r["family"] for r in data["rows"] if r["provider"] == "ours" and r["median_us"]} == set(NAMES)
 
 
 def test_bench_cases_are_well_formed():
     # Every family's benchmark module builds its case list (no GPU needed to enumerate).
-    sys.path.insert(0, str(cli._benchmarks_dir(None)))
-    import common
-
-    for mode in ("quick", "full"):
-        cases = list(common.all_cases(mode))
+    for mode in bench.MODES:
+        cases = list(bench.all_cases(mode))
         assert cases, mode
         for case in cases:
-            assert case.family in common.FAMILIES and case.anchor and case.shape
-    full = {(c.family, c.op, c.shape, c.dtype) for c in common.all_cases("full")}
-    quick = {(c.family, c.op, c.shape, c.dtype) for c in common.all_cases("quick")}
+            assert case.family in NAMES and case.anchor and case.shape
+    full = {(c.family, c.op, c.shape, c.dtype) for c in bench.all_cases("full")}
+    quick = {(c.family, c.op, c.shape, c.dtype) for c in bench.all_cases("quick")}
+    headline = {(c.family, c.op, c.shape, c.dtype) for c in bench.all_cases("headline")}
     assert quick <= full and len(quick) < len(full)
+    assert headline <= full and sorted(f for f, *_ in headline) == sorted(NAMES)
 
 
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    sys.path.insert(0, str(cli._benchmarks_dir(None)))
-    import common
-
-    rows = [common.Row("lstm", "fwd", p, "B1", "float16", "gpu", us, anchor="cudnn")
+    rows = [bench.Row("lstm", "fwd", p, "B1", "float16", "gpu", us, anchor="cudnn")
             for p, us in (("ours", 10.0), ("cudnn", 50.0))]
     path = tmp_path / "chart.png"
-    cli._plot(rows, str(path))
+    bench.plot(rows, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,9 +15,10 @@ diffusers = pytest.importorskip("diffusers")
 from seqgen_fast import _ext  # noqa: E402
 from seqgen_fast._backend import use_backend  # noqa: E402
 from seqgen_fast.diffusion import fast_scheduler, sample  # noqa: E402
+from seqgen_fast.kernels import diffusion_cuda  # noqa: E402
 from seqgen_fast.ops import diffusion as ops  # noqa: E402
-from tests.aot import compile_sm90, pointers  # noqa: E402
-from tests.utils import assert_close_rel  # noqa: E402
+from support.aot import compile_sm90, pointers  # noqa: E402
+from support.utils import assert_close_rel  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The `scale_model_input` function should be called")
 
@@ -301,7 +302,8 @@ def test_in_kernel_noise(backend):
 
 
 TRITON_CASES = [
-    ("DDIMScheduler", dict(clip_sample=True), dict(guidance_scale=torch.tensor([2.0, 5.0, 0.5])), "per_sample"),
+    pytest.param("DDIMScheduler", dict(clip_sample=True), dict(guidance_scale=torch.tensor([2.0, 5.0, 0.5])), "per_sample",
+                 marks=pytest.mark.smoke),
     ("DDPMScheduler", dict(thresholding=True, sample_max_value=2.0),
      dict(guidance_scale=3.0, guidance_rescale=0.5), "device_scalar"),
     ("EulerDiscreteScheduler", {}, dict(s_churn=1.0), "index"),
@@ -431,8 +433,9 @@ def test_cuda_binding_accepts_the_launcher_arguments():
     if _ext.C is None:
         pytest.skip(_ext.reason)
     x = torch.randn(0, 4)
-    kw = ops._cuda_args(x, x, torch.zeros(3, 8), -1, torch.zeros(0, dtype=torch.int64), None, None, None, x, 1, True,
-                        7.5, 2, 1.0, 2**62 + 5, 2**32 + 1, torch.zeros(1, dtype=torch.int64), x, None, 0, 0)
+    kw = diffusion_cuda.launch_args(x, x, torch.zeros(3, 8), -1, torch.zeros(0, dtype=torch.int64), None, None, None, x, 1, True,
+                                    7.5, 2, 1.0, 2**62 + 5, 2**32 + 1, torch.zeros(1, dtype=torch.int64), x, None, 0,
+                                    0)
     assert _ext.C.diffusion_step(**kw) is None
 
 

@@ -6,7 +6,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from seqgen_fast.diffusion import fast_scheduler, sample  # noqa: E402
-from tests.utils import assert_close_rel  # noqa: E402
+from support.utils import assert_close_rel  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +39,7 @@ def _run(cls, config, backend, dtype, shape, steps_kw, n_steps=2, per_sample=Fal
 CASES = [
     ("DDPMScheduler", dict(clip_sample=True), {}),
     ("DDPMScheduler", dict(thresholding=True, sample_max_value=2.0, prediction_type="v_prediction"), {}),
-    ("DDIMScheduler", dict(clip_sample=False), dict(eta=0.5)),
+    pytest.param("DDIMScheduler", dict(clip_sample=False), dict(eta=0.5), marks=pytest.mark.smoke),
     ("DDIMScheduler", dict(prediction_type="sample"), dict(eta=0.0, use_clipped_model_output=True)),
 ]
 
@@ -64,7 +64,7 @@ def test_ddpm_ddim_kernels(kernel_backend, dtype, cls, config, kw, per_sample, c
     ("DPMSolverMultistepScheduler", dict(thresholding=True, sample_max_value=3.0), {}),
     ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_type="heun"), {}),
 ])
-@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("per_sample", [pytest.param(False, marks=pytest.mark.smoke), True])
 def test_euler_dpm_kernels(kernel_backend, dtype, cls, config, kw, per_sample):
     """Triton takes every Euler/DPM step; the cuda kernel the Euler steps at a host step index (auto dispatch
     sends those to it) and declines the rest (schedule search, DPM history)."""
@@ -88,6 +88,7 @@ def _noise(backend, seed, offset, dtype=torch.float32):
     return (noisy - clean) / float(fs._table(x.device, {}).rows[500, 6])
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_in_kernel_noise(kernel_backend, dtype):
     n = _noise(kernel_backend, 11, 2, dtype)

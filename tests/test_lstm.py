@@ -16,11 +16,13 @@ import seqgen_fast
 from seqgen_fast import BackendError, use_backend
 from seqgen_fast.functional import lstm, lstm_cell
 from seqgen_fast.nn import LSTM, LSTMCell
+from seqgen_fast.ops import _recurrence
 from seqgen_fast.ops import lstm as ops
 from seqgen_fast.ops._library import registered_ops
+from seqgen_fast.reference import lstm as ref_lstm
 
-from aot import compile_sm90, pointers
-from utils import TOL, assert_close_rel
+from support.aot import compile_sm90, pointers
+from support.utils import TOL, assert_close_rel
 
 # Half types on the GPU: rounding of h and c compounds along the recurrence and its backward.
 SEQ_TOL = {**TOL, torch.float16: 1e-2, torch.bfloat16: 6e-2}
@@ -190,7 +192,7 @@ def test_lstm_triton_packed_unsorted():
 
 # B=9: above the fused step kernel's batch limit (addmm + cell kernel); input 300: several K tiles.
 @pytest.mark.parametrize("B,inp,hidden,bias",
-                         [(3, I, 33, True), (1, I, 33, False), (9, I, 33, True), (5, 300, 17, True)])
+                         [pytest.param(3, I, 33, True, marks=pytest.mark.smoke), (1, I, 33, False), (9, I, 33, True), (5, 300, 17, True)])
 def test_lstm_cell_triton_interpreter(B, inp, hidden, bias):
     ref_c = torch.nn.LSTMCell(inp, hidden, bias=bias)
     ours = LSTMCell.from_torch(ref_c)
@@ -390,15 +392,12 @@ class _ContractDouble:
 
     @staticmethod
     def sequence_forward(xg, w_hh, h0, c0, *, train):
-        from seqgen_fast.reference.lstm import recurrence_forward
-
-        return recurrence_forward(xg, w_hh, None, h0, c0, None, train)
+        return _recurrence.recurrence_forward(xg, w_hh, None, h0, c0, None, train, cell=ref_lstm.cell_forward)
 
     @staticmethod
     def sequence_backward(w_hh, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n):
-        from seqgen_fast.reference.lstm import recurrence_backward
-
-        dG, dh0, dc0, _ = recurrence_backward(w_hh, None, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n, None)
+        dG, dh0, dc0, _ = _recurrence.recurrence_backward(w_hh, None, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n,
+                                                          None, cell=ref_lstm.cell_backward)
         return dG.float(), dh0, dc0
 
     @staticmethod
@@ -475,7 +474,7 @@ def _gpu_backend_ready(backend):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kw,T,B,hidden", [(dict(), 33, 4, 128), (dict(num_layers=2, bidirectional=True), 17, 1, 256),
-                                           (dict(batch_first=True), 9, 16, 64)])
+                                           pytest.param(dict(batch_first=True), 9, 16, 64, marks=pytest.mark.smoke)])
 def test_gpu_lstm(backend, dtype, kw, T, B, hidden):
     _gpu_backend_ready(backend)
     ref_m = torch.nn.LSTM(24, hidden, dtype=torch.float64, **kw)
@@ -491,7 +490,7 @@ def test_gpu_lstm(backend, dtype, kw, T, B, hidden):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B", [1, 7])
+@pytest.mark.parametrize("B", [pytest.param(1, marks=pytest.mark.smoke), 7])
 def test_gpu_lstm_inference(backend, dtype, B):
     """torch.no_grad: the path that saves nothing (train=False in the kernels)."""
     _gpu_backend_ready(backend)
@@ -557,6 +556,7 @@ def test_gpu_auto_dispatch_prefers_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.smoke
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_lstm_cell_graph_generation(backend, dtype):

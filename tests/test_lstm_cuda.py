@@ -15,8 +15,8 @@ import torch
 
 from seqgen_fast import _ext
 from seqgen_fast.kernels import lstm_cuda
-from cuda_emulation import CSRC, EMU_MAIN_DEFS, build, compiler
-from utils import TOL, assert_close_rel, poison
+from support.emulation import build
+from support.utils import TOL, assert_close_rel, poison
 
 NVCC = shutil.which("nvcc") is not None
 SKIPPED = os.environ.get("SEQGEN_FAST_SKIP_CUDA", "0") not in ("", "0")
@@ -126,14 +126,6 @@ def test_supports_give_reasons_for_cpu_tensors_dtypes_and_shapes():
 
 
 @needs_c
-def test_launchers_raise_with_the_reasons():
-    with pytest.raises(ValueError, match="sequence_forward.*CUDA"):
-        lstm_cuda.sequence_forward(*_seq_args(), train=False)
-    with pytest.raises(ValueError, match="cell_step.*CUDA"):
-        lstm_cuda.cell_step(*_cell_args())
-
-
-@needs_c
 def test_csrc_launchers_validate_arguments_before_touching_a_device():
     C = _ext.C
     fwd = dict(device=0, dtype=0, seq_len=4, batch=2, hidden=8, xg=16, w_hh=16, h0=16, c0=16, hs=16, h_n=16,
@@ -222,21 +214,25 @@ def _cell_inputs(B, I, H, dtype, bias):
 # ----------------------------------------------------------------------------------------------
 # CPU: the kernels of csrc/lstm.cu run on the host under a SIMT emulation
 # ----------------------------------------------------------------------------------------------
-# g++ compiles csrc/lstm.cu against the stand-in CUDA headers of tests/cuda_emulation.py: every CUDA thread is a host
-# thread; __syncthreads, grid.sync and each warp shuffle are std::barrier waits. The kernels take
-# any blockDim that is a multiple of 32, so blocks of 32/64 threads keep this fast. Shared memory is
-# filled with NaN bytes before launch and checked for writes past the planned size afterwards;
-# a grid larger than the (emulated) SM count fails like a cooperative launch would. This checks
-# indexing, tiling, k-splits, staging and barriers; it cannot check L1/L2 coherence or timing.
-_EMU_MAIN = r"""#include "cuda_runtime.h"
+# g++ compiles csrc/lstm.cu as it is, against the stand-in CUDA headers of tests/support/emulation/
+# (through csrc/common.cuh's seam): every CUDA thread is a host thread; __syncthreads, grid.sync and
+# each warp shuffle are std::barrier waits. The kernels take any blockDim that is a multiple of 32, so
+# blocks of 32/64 threads keep this fast. Shared memory is filled with NaN bytes before launch and
+# checked for writes past the planned size afterwards; a grid larger than the (emulated) SM count fails
+# like a cooperative launch would. This checks indexing, tiling, k-splits, staging and barriers; it
+# cannot check L1/L2 coherence or timing.
+_EMU_MAIN = r"""#include "seqgen_emulation_shim.h"
 #include "lstm.h"
-""" + EMU_MAIN_DEFS + r"""extern "C" int emu_forward(int dt, long T, long B, long H, u xg, u w, u h0, u c0, u hs, u hn, u cn, u cs, u g) {
+extern "C" int emu_forward(int dt, long T, long B, long H, uptr xg, uptr w, uptr h0, uptr c0, uptr hs, uptr hn,
+                           uptr cn, uptr cs, uptr g) {
   EMU_CALL(seqgen::lstm::sequence_forward(0, dt, T, B, H, xg, w, h0, c0, hs, hn, cn, cs, g, 0))
 }
-extern "C" int emu_backward(int dt, long T, long B, long H, u w, u cs, u g, u c0, u ghs, u ghn, u gcn, u gg, u gh0, u gc0) {
+extern "C" int emu_backward(int dt, long T, long B, long H, uptr w, uptr cs, uptr g, uptr c0, uptr ghs, uptr ghn,
+                            uptr gcn, uptr gg, uptr gh0, uptr gc0) {
   EMU_CALL(seqgen::lstm::sequence_backward(0, dt, T, B, H, w, cs, g, c0, ghs, ghn, gcn, gg, gh0, gc0, 0))
 }
-extern "C" int emu_cell(int dt, long B, long I, long H, u x, u h, u c, u wih, u whh, u bih, u bhh, u h1, u c1) {
+extern "C" int emu_cell(int dt, long B, long I, long H, uptr x, uptr h, uptr c, uptr wih, uptr whh, uptr bih,
+                        uptr bhh, uptr h1, uptr c1) {
   EMU_CALL(seqgen::lstm::cell_step(0, dt, B, I, H, x, h, c, wih, whh, bih, bhh, h1, c1, 0))
 }
 """
@@ -244,14 +240,8 @@ extern "C" int emu_cell(int dt, long B, long I, long H, u x, u h, u c, u wih, u 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    """csrc/lstm.cu built for the host against the emulation headers, loaded through ctypes."""
-    compiler()
-    d = tmp_path_factory.mktemp("lstm_emu")
-    src = open(os.path.join(CSRC, "lstm.cu")).read()
-    smem_decl = "extern __shared__ __align__(16) unsigned char smem_bytes[];\n  return smem_bytes;"
-    assert src.count(smem_decl) == 1, "dynamic_smem() changed: update the emulation"
-    h = build(str(d), {"lstm_host.cpp": src.replace(smem_decl, "return emu_smem_ptr;"), "emu_main.cpp": _EMU_MAIN},
-              "lstm_emu")
+    """csrc/lstm.cu built for the host under the emulation, loaded through ctypes."""
+    h = build(str(tmp_path_factory.mktemp("lstm_emu")), "lstm.cu", _EMU_MAIN, "lstm_emu")
     for name, n in (("emu_forward", 9), ("emu_backward", 10), ("emu_cell", 9)):
         getattr(h, name).argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_long] + [ctypes.c_size_t] * n
 
@@ -268,7 +258,8 @@ def _nan(*shape, dtype):
 
 @pytest.mark.parametrize("T,B,H,dtype,sms,smem,threads,offset_h0", [
     (3, 1, 33, F16, 4, 232448, 64, False),   # partial last block, ksplit > 1, scalar staging (33 % 8)
-    (2, 6, 64, BF16, 3, 232448, 32, False),  # 4-row batch tiles, one warp looping over every tile
+    pytest.param(2, 6, 64, BF16, 3, 232448, 32, False,  # 4-row batch tiles, one warp looping over every tile
+                 marks=pytest.mark.smoke),
     (2, 17, 40, F32, 4, 12000, 32, True),    # batch staged in passes (12 + 5 rows fwd, 4 at a time bwd);
 ])                                           # h0 misaligned: scalar staging at t=0, 16-byte loads after
 def test_emulated_sequence_forward_backward_match_float64(emu, T, B, H, dtype, sms, smem, threads, offset_h0):
@@ -304,7 +295,8 @@ def test_emulated_launch_refuses_a_plan_that_does_not_fit(emu):
 
 @pytest.mark.parametrize("B,I,H,dtype,sms,bias,offset_x", [
     (1, 7, 1, F32, 4, True, False),     # one unit: rows past H repeat the last unit
-    (5, 24, 48, BF16, 3, False, False),  # 16-byte weight loads, two batch tiles of 4, no bias
+    pytest.param(5, 24, 48, BF16, 3, False, False,  # 16-byte weight loads, two batch tiles of 4, no bias
+                 marks=pytest.mark.smoke),
     (3, 9, 33, F16, 2, True, True),      # unaligned rows (I = 9, x misaligned): scalar kernel
 ])
 def test_emulated_cell_step_matches_float64_lstmcell(emu, B, I, H, dtype, sms, bias, offset_x):
@@ -328,8 +320,8 @@ def _skip_unless_fits(reasons):
     assert reasons == []
 
 
-SEQ_SHAPES = [(1, 1, 33), (7, 1, 97), (9, 3, 64), (6, 5, 97), (32, 16, 512), (8, 64, 1024), (5, 256, 256),
-              (12, 1, 1024), (4, 256, 1024)]
+SEQ_SHAPES = [(1, 1, 33), (7, 1, 97), pytest.param(9, 3, 64, marks=pytest.mark.smoke), (6, 5, 97), (32, 16, 512),
+              (8, 64, 1024), (5, 256, 256), (12, 1, 1024), (4, 256, 1024)]
 
 
 @pytest.mark.gpu
@@ -410,8 +402,8 @@ def test_sequence_empty_sizes_launch_nothing():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
-@pytest.mark.parametrize("B,I,H", [(1, 7, 1), (1, 33, 97), (3, 64, 512), (5, 256, 1024), (32, 1024, 1024),
-                                   (64, 40, 200), (100, 16, 33)])
+@pytest.mark.parametrize("B,I,H", [(1, 7, 1), pytest.param(1, 33, 97, marks=pytest.mark.smoke), (3, 64, 512),
+                                   (5, 256, 1024), (32, 1024, 1024), (64, 40, 200), (100, 16, 33)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cell_step_matches_float64_lstmcell(dtype, B, I, H, bias):
     args = _cell_inputs(B, I, H, dtype, bias)
@@ -444,6 +436,7 @@ def test_cell_step_refuses_outputs_overlapping_inputs():
 
 
 @pytest.mark.gpu
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_cell_step_replays_from_a_cuda_graph(dtype):
     B, I, H = 2, 96, 256

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import seqgen_fast
-from seqgen_fast._checks import run_checks
+from seqgen_fast.checks import run_checks
 from seqgen_fast.functional import sample_tokens
 from seqgen_fast.kernels import sampling as kernel
 from seqgen_fast.reference import sampling as reference
-from aot import compile_sm90, pointers
+from support.aot import compile_sm90, pointers
 
 BACKENDS = ("reference", "triton")
 Z_CRIT = 5.0  # one-sided normal quantile of the chi-square tests: a false alarm ~3e-7 per test
@@ -183,7 +183,7 @@ def test_two_stage_falls_back_to_the_full_row():
 # ------------------------------------------------------------------------------------------
 # Supports: exactly the top-k / the nucleus, tie groups, -inf
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.smoke)])
 def test_top_k_support_is_exactly_the_k_largest(backend):
     logits = torch.randn(4, 37)
     draws = 400
@@ -358,7 +358,6 @@ def test_sampler_compiles_for_sm90_without_spills(dt, R, V, flags):
     """The search's [ROWS, NC, BLOCK_V] compare tile must stay in registers: at 16 elements a thread
     it spilled over 1 KB per thread (bf16, Triton 3.6's ptxas); a few words of spill, which some
     ptxas versions show when they cap the compact stage at 128 registers, pass. Loads are 16-byte."""
-    import re
 
     rows, block, warps = kernel._config(R, V, None, interpret=False)
     const = dict(GREEDY="G" in flags, TOP_K="K" in flags, TOP_P="P" in flags, COMPACT="C" in flags, ROWS=rows,
@@ -388,6 +387,7 @@ def test_segment_kernel_compiles_for_sm90_without_spills(top_k):
 # GPU: a Llama-3 vocabulary, 64 rows
 # ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_large_vocab(dtype):
     vocab, batch = 128256, 64

@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from seqgen_fast.integrations import transformers as integration  # noqa: E402
-from utils import assert_close_rel  # noqa: E402
+from support.utils import assert_close_rel  # noqa: E402
 
 VOCAB = 97
 
@@ -91,7 +91,7 @@ def test_greedy_generation_matches_sdpa(build, mode, spy):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("build", [llama, gpt2])
+@pytest.mark.parametrize("build", [pytest.param(llama, marks=pytest.mark.smoke), gpt2])
 def test_gpu_bf16_generation_close_to_sdpa(build):
     model = model_pair(build).to("cuda", torch.bfloat16)
     ids = torch.randint(0, VOCAB, (4, 16), device="cuda")

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..integrations import diffusers as _dif
-from ..reference.diffusion import A0, AH, AM, AN, AX, CPN, NCOEF, X0M, X0X
+from . import configs
+from .._contract import A0, AH, AM, AN, AX, CPN, NCOEF, X0M, X0X
 
 _EXTRA = ("guidance_scale", "guidance_rescale", "variance_noise")
 
@@ -223,14 +223,14 @@ class FastScheduler:
 
     def __init__(self, scheduler, *, seed: int | None = None, pred_original_sample: bool = True,
                  backend: str | None = None):
-        self.kind = _dif.validate(scheduler)
+        self.kind = configs.validate(scheduler)
         self.scheduler = scheduler
         self.write_x0 = pred_original_sample
         self.backend = backend
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         self.offset = 0
         self._rng_offset: torch.Tensor | None = None  # device-side offset added to self.offset (graph capture)
-        self._output_cls = _dif.output_class(scheduler)
+        self._output_cls = configs.output_class(scheduler)
         params = list(inspect.signature(type(scheduler).step).parameters.values())[1:]
         self._step_params = [p.name for p in params]
         self._step_defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
@@ -443,7 +443,7 @@ class FastScheduler:
                 noise, noise_mode = given.to(sample.device), 1
             elif gen is not None:
                 ndt = torch.float32 if self.kind == "dpmsolver++" else model_output.dtype
-                noise, noise_mode = _dif.randn_like_diffusers(sample.shape, gen, sample.device, ndt), 1
+                noise, noise_mode = configs.randn_like_diffusers(sample.shape, gen, sample.device, ndt), 1
             else:
                 noise_mode = 2
 

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpret_mode
-from ..reference.attention import BOTTOM_RIGHT, NONE, new_output
+from .._contract import BOTTOM_RIGHT, NONE, attention_output
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -466,7 +466,7 @@ def attention_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, blocks
     B, H, L, _ = q.shape
     varlen = cu_q is not None
     n_seq, grid_lens, extra, mstr, lens, flags = _common(q, k, v, mask, cu_q, cu_k, max_q, max_k, causal)
-    out = new_output(q, v.shape[-1])
+    out = attention_output(q, v.shape[-1])
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     if varlen:  # packed rows past cu_q[-1] belong to no sequence: 0 (as the reference), not garbage
         out.zero_()

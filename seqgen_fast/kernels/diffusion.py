@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.diffusion import NCOEF
+from .._contract import NCOEF
 
 NUM_WARPS = 4
 

@@ -19,7 +19,9 @@ Gate order is torch's: i, f, g, o. All tensors of one call share one CUDA device
   launch; CUDA-graph capturable (no allocation besides the outputs, no host sync).
 
 Each ``supports_*`` returns the reasons the kernel cannot take the arguments (empty list: it can);
-it is cheap (no device sync). The launchers raise ``ValueError`` with those reasons.
+it is cheap (no device sync) and it is the one capability check of a call: the dispatcher runs it,
+and the launchers, called only after it passed, do not repeat it (the C++ launchers still refuse
+null pointers and sizes out of range with ``ValueError``).
 """
 from __future__ import annotations
 
@@ -28,25 +30,22 @@ import functools
 import torch
 
 from .. import _ext
-from .._backend import device_reasons
+from .._backend import Capabilities
 
 __all__ = ["supports_sequence", "sequence_forward", "supports_sequence_backward", "sequence_backward",
            "supports_cell", "cell_step", "sequence_plan"]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CAPS = Capabilities("cuda", dtypes=(torch.float32, torch.float16, torch.bfloat16))
 
 
 def _basic_reasons(tensors: dict[str, torch.Tensor | None]) -> list[str]:
     """Extension, device and dtype reasons shared by every kernel (None entries are skipped)."""
     present = {k: t for k, t in tensors.items() if t is not None}
     if _ext.C is None:
-        return [_ext.reason or "seqgen_fast._C is not built"]
-    reasons = device_reasons("cuda", *present.values())
-    dtypes = {t.dtype for t in present.values()}
-    if len(dtypes) > 1:
+        return [_ext.reason]
+    reasons = CAPS.reasons(*present.values())
+    if len({t.dtype for t in present.values()}) > 1:
         reasons.append("mixed dtypes: " + ", ".join(f"{k} {t.dtype}" for k, t in present.items()))
-    elif dtypes and next(iter(dtypes)) not in DTYPES:
-        reasons.append(f"dtype {next(iter(dtypes))} unsupported (float32, float16, bfloat16)")
     return reasons
 
 
@@ -126,11 +125,6 @@ def supports_cell(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch
     return reasons
 
 
-def _raise(what: str, reasons: list[str]) -> None:
-    if reasons:
-        raise ValueError(f"{what}: " + "; ".join(reasons))
-
-
 def _check_out(what: str, name: str, t: torch.Tensor, like: torch.Tensor, shape: tuple[int, ...],
                dtype: torch.dtype) -> torch.Tensor:
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != like.device or not t.is_contiguous():
@@ -147,10 +141,6 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
-def _device_index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
-
-
 def sequence_forward(xg: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, *, train: bool,
                      out: tuple[torch.Tensor, ...] | None = None):
     """One LSTM layer over a whole sequence in one persistent launch.
@@ -162,7 +152,6 @@ def sequence_forward(xg: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0:
     ``(hs, h_n, c_n)`` or, when training, ``(hs, h_n, c_n, cs, gates)`` (contiguous, distinct).
     """
     what = "lstm_cuda.sequence_forward"
-    _raise(what, supports_sequence(xg, w_hh, h0, c0, train=train))
     T, B, H = xg.shape[0], xg.shape[1], w_hh.shape[1]
     shapes = [(T, B, H), (B, H), (B, H)] + ([(T, B, H), (T, B, 4 * H)] if train else [])
     if out is None:
@@ -179,7 +168,7 @@ def sequence_forward(xg: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0:
         c_n.copy_(c0)
         return hs, h_n, c_n, cs, gates
     xg, w_hh, h0, c0 = xg.contiguous(), w_hh.contiguous(), h0.contiguous(), c0.contiguous()
-    _ext.C.lstm_sequence_forward(_device_index(xg), _ext.dtype_code(xg.dtype), T, B, H, _ext.ptr(xg), _ext.ptr(w_hh),
+    _ext.C.lstm_sequence_forward(_ext.device_index(xg), _ext.dtype_code(xg.dtype), T, B, H, _ext.ptr(xg), _ext.ptr(w_hh),
                                  _ext.ptr(h0), _ext.ptr(c0), _ext.ptr(hs), _ext.ptr(h_n), _ext.ptr(c_n),
                                  _ext.ptr(cs) if train else 0, _ext.ptr(gates) if train else 0, _ext.stream_of(xg))
     return hs, h_n, c_n, cs, gates
@@ -217,7 +206,6 @@ def sequence_backward(w_hh: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor, ga
     (the recurrence needs cs and gates). ``out`` may give preallocated (grad_gates, grad_h0, grad_c0).
     """
     what = "lstm_cuda.sequence_backward"
-    _raise(what, supports_sequence_backward(w_hh, hs, cs, gates, h0, c0))
     T, B, H = hs.shape
     grad_hs = _grad_arg(grad_hs, "grad_hs", (T, B, H), hs)
     grad_h_n = _grad_arg(grad_h_n, "grad_h_n", (B, H), hs)
@@ -237,7 +225,7 @@ def sequence_backward(w_hh: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor, ga
             dst.copy_(src) if src is not None else dst.zero_()
         return grad_gates, grad_h0, grad_c0
     w_hh, cs, gates, c0 = w_hh.contiguous(), cs.contiguous(), gates.contiguous(), c0.contiguous()
-    _ext.C.lstm_sequence_backward(_device_index(hs), _ext.dtype_code(hs.dtype), T, B, H, _ext.ptr(w_hh), _ext.ptr(cs),
+    _ext.C.lstm_sequence_backward(_ext.device_index(hs), _ext.dtype_code(hs.dtype), T, B, H, _ext.ptr(w_hh), _ext.ptr(cs),
                                   _ext.ptr(gates), _ext.ptr(c0), _ext.ptr(grad_hs), _ext.ptr(grad_h_n),
                                   _ext.ptr(grad_c_n), _ext.ptr(grad_gates), _ext.ptr(grad_h0), _ext.ptr(grad_c0),
                                   _ext.stream_of(hs))
@@ -255,7 +243,6 @@ def cell_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch.Ten
     no allocation besides the outputs and no host sync: capturable in a CUDA graph.
     """
     what = "lstm_cuda.cell_step"
-    _raise(what, supports_cell(x, h, c, w_ih, w_hh, b_ih, b_hh))
     (B, I), H = x.shape, w_hh.shape[1]
     if out is None:
         h1, c1 = torch.empty(B, H, dtype=x.dtype, device=x.device), torch.empty(B, H, dtype=x.dtype, device=x.device)
@@ -273,7 +260,7 @@ def cell_step(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch.Ten
         raise ValueError(f"{what}: out h1 and c1 overlap")
     if B == 0 or H == 0:
         return h1, c1
-    _ext.C.lstm_cell_step(_device_index(x), _ext.dtype_code(x.dtype), B, I, H, _ext.ptr(x), _ext.ptr(h), _ext.ptr(c),
+    _ext.C.lstm_cell_step(_ext.device_index(x), _ext.dtype_code(x.dtype), B, I, H, _ext.ptr(x), _ext.ptr(h), _ext.ptr(c),
                           _ext.ptr(w_ih), _ext.ptr(w_hh), _ext.ptr(b_ih), _ext.ptr(b_hh), _ext.ptr(h1), _ext.ptr(c1),
                           _ext.stream_of(x))
     return h1, c1

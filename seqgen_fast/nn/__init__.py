@@ -1,10 +1,8 @@
-"""Drop-in modules with the exact constructor, parameters, state_dict and forward of torch's."""
+"""Drop-in modules with the exact constructor, parameters, state_dict and forward of torch's
+(names from the family manifest, ``seqgen_fast._families``; each loads on first use)."""
+from .._families import exports
 from .._lazy import lazy_getattr
 
-_EXPORTS = {
-    "LSTM": "seqgen_fast.nn.lstm",
-    "LSTMCell": "seqgen_fast.nn.lstm",
-    "MultiheadAttention": "seqgen_fast.nn.attention",
-}
+_EXPORTS = exports(__name__)
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..integrations.swap import register_swap
+from ..ops.attention import scaled_dot_product_attention
+
 
 
 def _additive(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
@@ -53,8 +54,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return self._attend(query, key, value, key_padding_mask, attn_mask, is_causal), None
 
     def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> Tensor:
-        from .. import functional
-
         batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -93,9 +92,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
         mask = self._merged_mask(attn_mask, key_padding_mask, bsz, tgt_len, src_len)
         q, k, v = (x.reshape(x.shape[0], bsz, heads, head_dim).permute(1, 2, 0, 3) for x in (q, k, v))
-        out = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                      dropout_p=self.dropout if self.training else 0.0,
-                                                      is_causal=is_causal)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=is_causal)
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)  # (L, N, E)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
@@ -147,6 +145,3 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         for registry in ("_parameters", "_buffers", "_modules"):
             new.__dict__[registry] = module.__dict__[registry].copy()
         return new
-
-
-register_swap(torch.nn.MultiheadAttention, MultiheadAttention.from_torch)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from ..integrations.swap import register_swap
 from ..ops.lstm import lstm, lstm_cell
 
 __all__ = ["LSTM", "LSTMCell"]
@@ -118,7 +117,3 @@ class LSTMCell(torch.nn.LSTMCell):
         if not is_batched:
             return h1.squeeze(0), c1.squeeze(0)
         return h1, c1
-
-
-register_swap(torch.nn.LSTM, LSTM.from_torch)
-register_swap(torch.nn.LSTMCell, LSTMCell.from_torch)

@@ -1,10 +1,3 @@
-"""torch.library ops of every kernel family (see ``_library.custom_op`` for the pattern)."""
-import importlib
-
-FAMILIES = ("lstm", "attention", "decode", "diffusion", "sampling")
-
-
-def load_all() -> None:
-    """Import every family's op module, registering its ops, dispatchers and checks."""
-    for family in FAMILIES:
-        importlib.import_module(f"{__name__}.{family}")
+"""torch.library ops of every kernel family (see ``_library.custom_op`` for the pattern), their
+dispatch, and the backend-neutral machinery the kernels' paths share (``_recurrence``). The family
+manifest (``seqgen_fast._families``) names each family's ops module."""

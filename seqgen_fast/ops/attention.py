@@ -21,17 +21,16 @@ import math
 import torch
 from torch import Tensor
 
-from .._backend import device_reasons, dispatcher
-from .._checks import register_check
+from .._backend import Capabilities, dispatcher
 from ..reference import attention as reference
-from ..reference.attention import BOTTOM_RIGHT, NONE, TOP_LEFT
+from .._contract import BOTTOM_RIGHT, NONE, TOP_LEFT, attention_output
 from ._library import custom_op
 
 ATTN = dispatcher("attention", order=("triton", "reference"))
 SDPA = dispatcher("scaled_dot_product_attention", order=("triton", "reference"))
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
+TRITON = Capabilities("triton", dtypes=(torch.float16, torch.bfloat16), head_dims=(1, 256),
+                      dtype_note="float32 would round to tf32 in the kernels' dots, below torch's float32 precision")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,18 +38,12 @@ MAX_HEAD_DIM = 256
 # ----------------------------------------------------------------------------------------------
 def _kernel_reasons(q, k, v, mask, cu_q) -> list[str]:
     """Why the Triton kernels cannot take contract-shaped inputs (device reasons included)."""
-    reasons = device_reasons("triton", q, k, v, mask, cu_q)
-    if q.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not float16/bfloat16 (float32 would round to tf32 in the kernels' "
-                       "dots, below torch's float32 precision)")
-    for name, d in (("query/key", q.shape[-1]), ("value", v.shape[-1])):
-        if not 1 <= d <= MAX_HEAD_DIM:
-            reasons.append(f"{name} head dim {d} is outside 1..{MAX_HEAD_DIM}")
+    reasons = TRITON.reasons(q, k, v, mask, cu_q, head_dims=(q.shape[-1], v.shape[-1]))
     # the kernels form offsets within one sequence (rows x row stride) in 32 bits
     Ev = v.shape[-1]
     spans = [(name, (t.shape[-2] - 1) * abs(t.stride(-2)) + (t.shape[-1] - 1) * abs(t.stride(-1)) + 1)
              for name, t in (("query", q), ("key", k), ("value", v)) if t.dim() >= 2]
-    if q.dim() >= 2:  # the output is allocated in q's memory order (reference.new_output)
+    if q.dim() >= 2:  # the output is allocated in q's memory order (_contract.attention_output)
         heads_inner = q.dim() >= 3 and q.stride(-3) < q.stride(-2)
         spans.append(("output", (q.shape[-2] - 1) * (q.shape[-3] * Ev if heads_inner else Ev) + Ev))
     for name, span in spans:
@@ -65,7 +58,8 @@ def _kernel_reasons(q, k, v, mask, cu_q) -> list[str]:
     return reasons
 
 
-@ATTN.register("triton", supports=lambda q, k, v, mask, cu_q, *rest: _kernel_reasons(q, k, v, mask, cu_q))
+@ATTN.register("triton", supports=lambda q, k, v, mask, cu_q, *rest: _kernel_reasons(q, k, v, mask, cu_q),
+               caps=TRITON)
 def _attn_triton(*args):
     from ..kernels import attention as kernel
 
@@ -84,7 +78,7 @@ def _bwd_impl(backend: str):
 
 
 def _fwd_fake(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, backend):
-    return reference.new_output(q, v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return attention_output(q, v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def _bwd_fake(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, backend):
@@ -308,7 +302,7 @@ def _sdpa_triton_reasons(query, key, value, attn_mask, dropout_p, is_causal, sca
     return reasons + _kernel_reasons(query, key, value, attn_mask, None)
 
 
-@SDPA.register("triton", supports=_sdpa_triton_reasons)
+@SDPA.register("triton", supports=_sdpa_triton_reasons, caps=TRITON)
 def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     q4, k4, v4 = _as4d(query), _as4d(key), _as4d(value)
     mask4 = None
@@ -345,66 +339,3 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     chosen = SDPA.select(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
     return SDPA.impl(chosen)(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
-# ----------------------------------------------------------------------------------------------
-# Self-checks (seqgen-fast check)
-# ----------------------------------------------------------------------------------------------
-def torch_math(q, k, v, attn_mask=None, **kw):
-    """torch's own math-path SDPA (aten, unaffected by any patching of F.scaled_dot_product_attention).
-
-    The aten op adds ``attn_mask``; a bool mask becomes 0 / -inf first, as torch's wrapper does.
-    """
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
-    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, attn_mask, **kw)[0]
-
-
-def _grads(out: Tensor, inputs, seed_grad: Tensor):
-    return torch.autograd.grad(out, inputs, seed_grad)
-
-
-_CHECK_DTYPES = dict(dtypes=(torch.float16, torch.bfloat16), cpu_dtypes=(torch.float16,))
-
-
-@register_check("attention.sdpa_causal_gqa", **_CHECK_DTYPES)
-def _check_sdpa_causal_gqa(device, dtype):
-    q = torch.randn(2, 4, 65, 64, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(2, 2, 97, 64, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(2, 2, 97, 64, device=device, dtype=dtype, requires_grad=True)
-    out = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    go = torch.randn_like(out)
-    grads = _grads(out, (q, k, v), go)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = torch_math(*ref_in, is_causal=True, enable_gqa=True)
-    ref_grads = _grads(ref, ref_in, go.double())
-    return {"out": (out, ref), **{f"d{n}": (g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
-
-
-@register_check("attention.sdpa_bool_mask", **_CHECK_DTYPES)
-def _check_sdpa_mask(device, dtype):
-    q = torch.randn(2, 3, 33, 64, device=device, dtype=dtype)
-    k = torch.randn(2, 3, 47, 64, device=device, dtype=dtype)
-    v = torch.randn(2, 3, 47, 32, device=device, dtype=dtype)
-    mask = torch.rand(2, 1, 33, 47, device=device) > 0.4
-    mask[:, :, 5] = False  # a fully masked row: 0, as torch's math path
-    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return {"out": (out, torch_math(q.double(), k.double(), v.double(), attn_mask=mask))}
-
-
-@register_check("attention.flash_varlen_causal", **_CHECK_DTYPES)
-def _check_varlen(device, dtype):
-    lens_q, lens_k = [7, 33, 1], [40, 33, 5]
-    cu_q = torch.tensor([0, 7, 40, 41], device=device, dtype=torch.int32)
-    cu_k = torch.tensor([0, 40, 73, 78], device=device, dtype=torch.int32)
-    q = torch.randn(41, 4, 64, device=device, dtype=dtype)
-    k = torch.randn(78, 2, 64, device=device, dtype=dtype)
-    v = torch.randn(78, 2, 64, device=device, dtype=dtype)
-    out = flash_attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    refs = []
-    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
-        qs, ks, vs = (t[c[b]:c[b] + n].transpose(0, 1).double() for t, c, n in
-                      ((q, cu_q, lq), (k, cu_k, lk), (v, cu_k, lk)))
-        mask = reference.causal_mask(lq, lk, BOTTOM_RIGHT, device)
-        refs.append(torch_math(qs, ks, vs, attn_mask=mask, enable_gqa=True).transpose(0, 1))
-    return {"out": (out, torch.cat(refs))}

@@ -12,13 +12,12 @@ import math
 import torch
 from torch import Tensor
 
-from .._backend import device_reasons, dispatcher
-from .._checks import register_check
+from .._backend import Capabilities, dispatcher
 from ..reference import decode as reference
 from ._library import custom_op
 
 DECODE = dispatcher("decode_attention", order=("triton", "reference"))
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON = Capabilities("triton", dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(16, 256))
 
 
 @DECODE.register("reference")
@@ -27,15 +26,10 @@ def _reference(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_spli
 
 
 def _triton_supports(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *args, **kwargs) -> list[str]:
-    reasons = device_reasons("triton", q, k_cache, v_cache, cache_seqlens, k_new, v_new)
-    if q.dtype not in _DTYPES:
-        reasons.append(f"dtype {q.dtype} is not one of float16, bfloat16, float32")
-    if not 16 <= q.shape[-1] <= 256:
-        reasons.append(f"head dim {q.shape[-1]} is outside 16..256")
-    return reasons
+    return TRITON.reasons(q, k_cache, v_cache, cache_seqlens, k_new, v_new, head_dims=(q.shape[-1],))
 
 
-@DECODE.register("triton", supports=_triton_supports)
+@DECODE.register("triton", supports=_triton_supports, caps=TRITON)
 def _triton(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_splits):
     from ..kernels import decode as kernel
 
@@ -103,7 +97,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
         raise ValueError(f"decode_attention: q heads {q.shape[1]} must be a multiple of k_cache heads {hkv} (GQA)")
     if s_max == 0:
         raise ValueError("decode_attention: k_cache has S_max = 0 rows")
-    if q.dtype not in _DTYPES + (torch.float64,):
+    if q.dtype not in TRITON.dtypes + (torch.float64,):
         raise TypeError(f"decode_attention: q dtype {q.dtype} is not a floating type this op takes")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise TypeError(f"decode_attention: k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must have "
@@ -173,22 +167,3 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     else:
         out = _decode_append_op(q3, k_cache, v_cache, cache_seqlens, k3, v3, scale, num_splits, check_seqlens, chosen)
     return out.unsqueeze(1) if q.dim() == 4 else out
-
-
-def _random_case(device, dtype, batch=3, hq=4, hkv=2, s_max=97, head_dim=64):
-    q = torch.randn(batch, hq, head_dim, device=device, dtype=dtype)
-    k = torch.randn(batch, s_max, hkv, head_dim, device=device, dtype=dtype)
-    v = torch.randn_like(k)
-    lens = torch.randint(0, s_max, (batch,), device=device, dtype=torch.int32)
-    return q, k, v, lens
-
-
-@register_check("decode_attention")
-def _check_decode(device, dtype):
-    q, k, v, lens = _random_case(device, dtype)
-    k_new = torch.randn(q.shape[0], k.shape[2], k.shape[3], device=device, dtype=dtype)
-    v_new = torch.randn_like(k_new)
-    ref_k, ref_v = k.double(), v.double()
-    ref = reference.decode_attention(q.double(), ref_k, ref_v, lens, k_new.double(), v_new.double(), q.shape[-1] ** -0.5)
-    out = decode_attention(q, k, v, lens, k_new=k_new, v_new=v_new)
-    return {"out": (out, ref), "k_cache": (k, ref_k)}

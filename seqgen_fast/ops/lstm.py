@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import dispatcher, device_reasons, use_backend
-from .._checks import register_check
+from .._backend import Capabilities, dispatcher, use_backend
+from ..kernels import lstm_cuda
 from ..reference import lstm as ref
+from . import _recurrence
 from ._library import custom_op
 
 __all__ = ["lstm", "lstm_cell", "lstm_sequence", "lstm_sequence_backward", "lstm_cell_step", "SEQ", "SEQ_BWD", "CELL"]
@@ -45,96 +46,50 @@ SEQ = dispatcher("lstm_sequence", ORDER)
 SEQ_BWD = dispatcher("lstm_sequence_backward", ORDER)
 CELL = dispatcher("lstm_cell_step", ORDER)
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON = Capabilities("triton", dtypes=(torch.float32, torch.float16, torch.bfloat16))
+REFERENCE = Capabilities("reference", dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
 
 
 # ----------------------------------------------------------------------------------------------
-# Capabilities
+# Capabilities: each backend's reasons, checked once per call
 # ----------------------------------------------------------------------------------------------
 def _cuda_kernels():
-    """The CUDA kernel module, imported on first use (it needs the built extension)."""
-    from ..kernels import lstm_cuda
-
+    """The CUDA launchers (``seqgen_fast.kernels.lstm_cuda``; tests stand a double in for them)."""
     return lstm_cuda
 
 
-def _cuda_common(*tensors: Tensor) -> list[str]:
-    reasons = device_reasons("cuda", *tensors)
-    if tensors[0].dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {tensors[0].dtype} is not float32, float16 or bfloat16")
-    try:
-        _cuda_kernels()
-    except ImportError as exc:
-        reasons.append(f"seqgen_fast.kernels.lstm_cuda cannot be imported: {exc}")
-    return reasons
+_NO_PROJECTION = "projections (proj_size > 0) are not in the cuda kernel"
+_NO_VARLEN = "variable lengths (PackedSequence) are not in the cuda kernel"
 
 
-def _triton_common(*tensors: Tensor) -> list[str]:
-    reasons = device_reasons("triton", *tensors)
-    if tensors[0].dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {tensors[0].dtype} is not float32, float16 or bfloat16")
-    return reasons
-
-
-def _reference_common(*tensors: Tensor) -> list[str]:
-    return [] if tensors[0].is_floating_point() else [f"dtype {tensors[0].dtype} is not a floating type"]
+def _cuda_case_reasons(w_hr, batch_sizes) -> list[str]:
+    return ([_NO_PROJECTION] if w_hr is not None else []) + ([_NO_VARLEN] if batch_sizes is not None else [])
 
 
 def _seq_supports_cuda(xg, w_hh, w_hr, h0, c0, batch_sizes, train):
-    reasons = _cuda_common(xg, w_hh, h0, c0)
-    if w_hr is not None:
-        reasons.append("projections (proj_size > 0) are not in the cuda kernel")
-    if batch_sizes is not None:
-        reasons.append("variable lengths (PackedSequence) are not in the cuda kernel")
-    if not reasons:
-        reasons += _cuda_kernels().supports_sequence(xg, w_hh, h0, c0, train=train)
-    return reasons
-
-
-def _seq_supports_triton(xg, w_hh, w_hr, h0, c0, batch_sizes, train):
-    return _triton_common(xg, w_hh, w_hr, h0, c0)
-
-
-def _seq_supports_reference(xg, w_hh, w_hr, h0, c0, batch_sizes, train):
-    return _reference_common(xg)
+    return _cuda_case_reasons(w_hr, batch_sizes) or _cuda_kernels().supports_sequence(xg, w_hh, h0, c0, train=train)
 
 
 def _bwd_supports_cuda(w_hh, w_hr, hs, cs, gates, h0, c0, batch_sizes):
-    reasons = _cuda_common(w_hh, hs, cs, gates, h0, c0)
-    if w_hr is not None:
-        reasons.append("projections (proj_size > 0) are not in the cuda kernel")
-    if batch_sizes is not None:
-        reasons.append("variable lengths (PackedSequence) are not in the cuda kernel")
-    if not reasons:
-        reasons += _cuda_kernels().supports_sequence_backward(w_hh, hs, cs, gates, h0, c0)
-    return reasons
-
-
-def _bwd_supports_triton(w_hh, w_hr, hs, cs, gates, h0, c0, batch_sizes):
-    # No CPU rule here: the backward follows the forward's backend, which already obeyed it.
-    reasons = device_reasons("triton", w_hh, w_hr, hs, cs, gates, h0, c0)
-    if gates.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {gates.dtype} is not float32, float16 or bfloat16")
-    return reasons
-
-
-def _bwd_supports_reference(w_hh, w_hr, hs, cs, gates, h0, c0, batch_sizes):
-    return _reference_common(gates)
+    return _cuda_case_reasons(w_hr, batch_sizes) or _cuda_kernels().supports_sequence_backward(w_hh, hs, cs, gates,
+                                                                                               h0, c0)
 
 
 def _cell_supports_cuda(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    reasons = _cuda_common(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    if not reasons:
-        reasons += _cuda_kernels().supports_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    return reasons
+    return _cuda_kernels().supports_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
-def _cell_supports_triton(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    return _triton_common(x, h, c, w_ih, w_hh, b_ih, b_hh)
+def _seq_supports(caps: Capabilities):
+    return lambda xg, w_hh, w_hr, h0, c0, batch_sizes, train: caps.reasons(xg, w_hh, w_hr, h0, c0)
 
 
-def _cell_supports_reference(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    return _reference_common(x)
+def _bwd_supports(caps: Capabilities):
+    # the backward follows the forward's backend, which already obeyed the device rule
+    return lambda w_hh, w_hr, hs, cs, gates, h0, c0, batch_sizes: caps.reasons(gates, w_hh, w_hr, hs, cs, h0, c0)
+
+
+def _cell_supports(caps: Capabilities):
+    return lambda x, h, c, w_ih, w_hh, b_ih, b_hh: caps.reasons(x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,32 +101,37 @@ def _triton_cells():
     return tk
 
 
-@SEQ.register("cuda", supports=_seq_supports_cuda)
+@SEQ.register("cuda", supports=_seq_supports_cuda, caps=lstm_cuda.CAPS)
 def _seq_cuda(xg, w_hh, w_hr, h0, c0, batch_sizes, train):
     return _cuda_kernels().sequence_forward(xg, w_hh, h0, c0, train=train)
 
 
-@SEQ.register("triton", supports=_seq_supports_triton)
+@SEQ.register("triton", supports=_seq_supports(TRITON), caps=TRITON)
 def _seq_triton(xg, w_hh, w_hr, h0, c0, batch_sizes, train):
-    return ref.recurrence_forward(xg, w_hh, w_hr, h0, c0, batch_sizes, train, cell=_triton_cells().cell_forward)
+    return _recurrence.recurrence_forward(xg, w_hh, w_hr, h0, c0, batch_sizes, train, cell=_triton_cells().cell_forward)
 
 
-SEQ.register("reference", supports=_seq_supports_reference)(ref.recurrence_forward)
+@SEQ.register("reference", supports=_seq_supports(REFERENCE), caps=REFERENCE)
+def _seq_reference(xg, w_hh, w_hr, h0, c0, batch_sizes, train):
+    return _recurrence.recurrence_forward(xg, w_hh, w_hr, h0, c0, batch_sizes, train, cell=ref.cell_forward)
 
 
-@SEQ_BWD.register("cuda", supports=_bwd_supports_cuda)
+@SEQ_BWD.register("cuda", supports=_bwd_supports_cuda, caps=lstm_cuda.CAPS)
 def _bwd_cuda(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n, batch_sizes):
     dG, dh0, dc0 = _cuda_kernels().sequence_backward(w_hh, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n)
     return dG, dh0, dc0, None
 
 
-@SEQ_BWD.register("triton", supports=_bwd_supports_triton)
+@SEQ_BWD.register("triton", supports=_bwd_supports(TRITON), caps=TRITON)
 def _bwd_triton(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n, batch_sizes):
-    return ref.recurrence_backward(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n, batch_sizes,
-                                   cell=_triton_cells().cell_backward)
+    return _recurrence.recurrence_backward(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n,
+                                           batch_sizes, cell=_triton_cells().cell_backward)
 
 
-SEQ_BWD.register("reference", supports=_bwd_supports_reference)(ref.recurrence_backward)
+@SEQ_BWD.register("reference", supports=_bwd_supports(REFERENCE), caps=REFERENCE)
+def _bwd_reference(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n, batch_sizes):
+    return _recurrence.recurrence_backward(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n,
+                                           batch_sizes, cell=ref.cell_backward)
 
 
 def _cell_step_loop(cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
@@ -183,12 +143,12 @@ def _cell_step_loop(cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
     return h1, c1
 
 
-@CELL.register("cuda", supports=_cell_supports_cuda)
+@CELL.register("cuda", supports=_cell_supports_cuda, caps=lstm_cuda.CAPS)
 def _cell_cuda(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return _cuda_kernels().cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
-@CELL.register("triton", supports=_cell_supports_triton)
+@CELL.register("triton", supports=_cell_supports(TRITON), caps=TRITON)
 def _cell_triton(x, h, c, w_ih, w_hh, b_ih, b_hh):
     tk = _triton_cells()
     if x.shape[0] <= tk.STEP_MAX_BATCH:
@@ -196,7 +156,7 @@ def _cell_triton(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return _cell_step_loop(tk.cell_forward, x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
-@CELL.register("reference", supports=_cell_supports_reference)
+@CELL.register("reference", supports=_cell_supports(REFERENCE), caps=REFERENCE)
 def _cell_reference(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return _cell_step_loop(ref.cell_forward, x, h, c, w_ih, w_hh, b_ih, b_hh)
 
@@ -226,7 +186,7 @@ def lstm_sequence_backward(w_hh: Tensor, w_hr: Optional[Tensor], hs: Tensor, cs:
     The recurrence runs on ``backend``; dW_hh = sum_t dG_t^T h_{t-1} and dW_hr are GEMMs after it."""
     dG, dh0, dc0, dH = SEQ_BWD.impl(backend)(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs.contiguous(),
                                              grad_h_n.contiguous(), grad_c_n.contiguous(), batch_sizes)
-    dw_hh, dw_hr = ref.weight_grads(dG, dH, hs, cs, gates, h0, w_hh, w_hr)
+    dw_hh, dw_hr = _recurrence.weight_grads(dG, dH, hs, cs, gates, h0, w_hh, w_hr)
     return (dG.to(gates.dtype), dw_hh, dw_hr if dw_hr is not None else w_hh.new_empty(0),
             dh0.to(h0.dtype), dc0.to(c0.dtype))
 
@@ -508,44 +468,3 @@ def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, 
         name = SEQ.select(xg, w_hh, None, h, c, None, train=True)
         _, h1, c1, _, _ = lstm_sequence(xg, w_hh, None, h, c, None, name, True)
         return h1, c1
-
-
-# ----------------------------------------------------------------------------------------------
-# Self-checks (seqgen-fast check): ours vs torch's own modules in float64
-# ----------------------------------------------------------------------------------------------
-# Half types: rounding of h and c compounds over the recurrence (and its backward), so the bar is
-# a few units of the dtype's roundoff times the sequence length, not one.
-_CHECK_TOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2}
-
-
-@register_check("lstm", tol=_CHECK_TOL)
-def _check_lstm(device, dtype):
-    from ..nn.lstm import LSTM
-
-    ref_m = torch.nn.LSTM(10, 33, num_layers=2, bidirectional=True, dtype=torch.float64)
-    ours = LSTM(10, 33, num_layers=2, bidirectional=True, device=device, dtype=dtype)
-    ours.load_state_dict(ref_m.state_dict())
-    x64 = torch.randn(7, 3, 10, dtype=torch.float64, requires_grad=True)
-    x = x64.detach().to(device, dtype).requires_grad_()
-    out, (h_n, c_n) = ours(x)
-    out64, (h64, c64) = ref_m(x64)
-    g = torch.randn_like(out64)
-    (out * g.to(device, dtype)).sum().backward()
-    (out64 * g).sum().backward()
-    return {"output": (out, out64), "h_n": (h_n, h64), "c_n": (c_n, c64), "grad_input": (x.grad, x64.grad),
-            "grad_w_hh_l0": (ours.weight_hh_l0.grad, ref_m.weight_hh_l0.grad),
-            "grad_w_ih_l1": (ours.weight_ih_l1.grad, ref_m.weight_ih_l1.grad)}
-
-
-@register_check("lstm_cell", tol=_CHECK_TOL)
-def _check_lstm_cell(device, dtype):
-    from ..nn.lstm import LSTMCell
-
-    ref_m = torch.nn.LSTMCell(10, 33, dtype=torch.float64)
-    ours = LSTMCell(10, 33, device=device, dtype=dtype)
-    ours.load_state_dict(ref_m.state_dict())
-    x, h, c = (torch.randn(4, n, dtype=torch.float64) for n in (10, 33, 33))
-    with torch.no_grad():
-        h1, c1 = ours(x.to(device, dtype), (h.to(device, dtype), c.to(device, dtype)))
-        h64, c64 = ref_m(x, (h, c))
-    return {"h1": (h1, h64), "c1": (c1, c64)}

@@ -33,7 +33,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NONE, TOP_LEFT, BOTTOM_RIGHT = 0, 1, 2
+from .._contract import BOTTOM_RIGHT, NONE, TOP_LEFT, attention_output
+
+__all__ = ["sdpa", "attention_fwd", "attention_bwd", "causal_mask", "BOTTOM_RIGHT", "NONE", "TOP_LEFT"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -107,16 +109,6 @@ def _probs(q, k, mask, scale, causal):
     return _safe_softmax(scores), torch.logsumexp(scores, dim=-1)
 
 
-def new_output(q: torch.Tensor, ev: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Uninitialised (B, H, L, ev) output in q's memory order: (B, L, H, ev) storage when q's heads
-    are its inner dim (the flash layout and packed varlen), else (B, H, L, ev) storage."""
-    B, H, L, _ = q.shape
-    dtype = dtype or q.dtype
-    if q.stride(1) < q.stride(2):
-        return q.new_empty(B, L, H, ev, dtype=dtype).transpose(1, 2)
-    return q.new_empty(B, H, L, ev, dtype=dtype)
-
-
 def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[-3], dim=-3)
 
@@ -125,7 +117,7 @@ def attention_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal):
     """The op contract's forward (module docstring): returns (out, lse)."""
     acc = _acc_dtype(q.dtype)
     B, H, L, _ = q.shape
-    out = new_output(q, v.shape[-1]).zero_()
+    out = attention_output(q, v.shape[-1]).zero_()
     lse = torch.full((B, H, L), float("-inf"), dtype=torch.float32, device=q.device)
     full_mask = None if mask is None else mask.expand(B, H, L, k.shape[-2])
     for b, rq, rk in _segments(q, cu_q, cu_k):

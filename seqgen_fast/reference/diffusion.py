@@ -2,7 +2,7 @@
 
 Every supported scheduler step (DDPM, DDIM, Euler, Euler ancestral, DPM-Solver++ 1M/2M) is one
 affine map with an optional clip of the predicted x0. Per sample b, with the coefficient row
-``c = coef[key_b]`` (``NCOEF`` = 8 float32 values, layout ``COEF_NAMES``)::
+``c = coef[key_b]`` (``NCOEF`` = 8 float32 values, layout ``COEF_NAMES`` of ``seqgen_fast._contract``)::
 
     m   = model_scale_b * (u + g_b * (c - u))   # classifier-free guidance, when cfg (else m = model_output)
     x'  = x + c.pre_noise * n                    # Euler's churn noise (0 elsewhere)
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import torch
 
-COEF_NAMES = ("x0_x", "x0_m", "x", "x0", "m", "hist", "noise", "pre_noise")
-NCOEF = len(COEF_NAMES)
-X0X, X0M, AX, A0, AM, AH, AN, CPN = range(NCOEF)
+from .._contract import A0, AH, AM, AN, AX, CPN, X0M, X0X
 
 
 def gather_rows(coef: torch.Tensor, batch: int, key: int, timesteps: torch.Tensor | None,
@@ -61,52 +59,9 @@ def guided(model_output: torch.Tensor, batch: int, cfg: bool, guidance_scale: fl
     return u + g * (c - u)
 
 
-def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
+def bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A (B,) per-sample value shaped to broadcast over (B, ...) tensors of ``ndim`` dims."""
     return v.reshape(v.shape[0], *([1] * (ndim - 1)))
-
-
-def rescale_factor(model_output: torch.Tensor, batch: int, guidance_scale: float, guidance: torch.Tensor | None,
-                   guidance_rescale: float) -> torch.Tensor:
-    """Per-sample factor f of diffusers' ``rescale_noise_cfg``: rescaled m = f * m (a reduction pass).
-
-    f_b = r * std(c_b) / std(m_b) + (1 - r), std over all non-batch dims (unbiased), computed in float32.
-    """
-    m = guided(model_output, batch, True, guidance_scale, guidance, torch.float32)
-    dims = list(range(1, m.dim()))
-    std_text = model_output[batch:].float().std(dim=dims)
-    std_cfg = m.std(dim=dims)
-    return guidance_rescale * std_text / std_cfg + (1.0 - guidance_rescale)
-
-
-def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
-    """Dynamic-thresholding scale s_b = clamp(quantile(|x0_b|, ratio), 1, max_value), a (B,) float32 tensor.
-
-    The quantile is torch.quantile's linear interpolation, written as a sort and a gather so it has
-    no size limit and no host sync.
-    """
-    a = x0.float().reshape(x0.shape[0], -1).abs().sort(dim=1).values
-    n = a.shape[1]
-    pos = ratio * (n - 1)
-    lo = int(pos)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    s = torch.lerp(a[:, lo], a[:, hi], torch.full_like(a[:, lo], frac))
-    return s.clamp(min=1.0, max=max_value)
-
-
-def predict_x0(sample, model_output, coef, key, timesteps, schedule_timesteps, cfg, guidance_scale, guidance,
-               model_scale, noise_pre: torch.Tensor | None) -> torch.Tensor:
-    """x0 before clipping (the input of the thresholding pass), in float32 (float64 for float64 inputs)."""
-    dt = torch.float64 if sample.dtype == torch.float64 else torch.float32
-    B = sample.shape[0]
-    c = gather_rows(coef, B, key, timesteps, schedule_timesteps).to(dt)
-    m = guided(model_output, B, cfg, guidance_scale, guidance, dt)
-    if model_scale is not None:
-        m = m * _bcast(model_scale.to(dt), m.dim())
-    x = sample.to(dt)
-    if noise_pre is not None:
-        x = x + _bcast(c[:, CPN], x.dim()) * noise_pre.to(dt)
-    return _bcast(c[:, X0X], x.dim()) * x + _bcast(c[:, X0M], x.dim()) * m
 
 
 def draw_noise(shape, device, seed: int, offset: int) -> torch.Tensor:
@@ -132,10 +87,10 @@ def diffusion_step(sample: torch.Tensor, model_output: torch.Tensor, coef: torch
     dt = torch.float64 if sample.dtype == torch.float64 else torch.float32
     B, nd = sample.shape[0], sample.dim()
     c = gather_rows(coef, B, key, timesteps, schedule_timesteps).to(dt)
-    col = lambda i: _bcast(c[:, i], nd)  # noqa: E731
+    col = lambda i: bcast(c[:, i], nd)  # noqa: E731
     m = guided(model_output, B, cfg, guidance_scale, guidance, dt)
     if model_scale is not None:
-        m = m * _bcast(model_scale.to(dt), nd)
+        m = m * bcast(model_scale.to(dt), nd)
     x = sample.to(dt)
     n = None
     if noise_mode == 1:
@@ -153,7 +108,7 @@ def diffusion_step(sample: torch.Tensor, model_output: torch.Tensor, coef: torch
     if x0_mode == 1:
         x0 = x0.clamp(-clip_range, clip_range)
     elif x0_mode == 2:
-        s = _bcast(threshold.to(dt), nd)
+        s = bcast(threshold.to(dt), nd)
         x0 = torch.maximum(torch.minimum(x0, s), -s) / s
     out = col(AX) * x + col(A0) * x0 + col(AM) * m
     if history is not None:

@@ -1,12 +1,10 @@
 """Helpers for tests: relative error norms against float64 references, output poisoning."""
 import torch
 
-from seqgen_fast._checks import rel_err
+from seqgen_fast.checks import DEFAULT_TOL as TOL  # relative-norm tolerances per dtype, with their reasons
+from seqgen_fast.checks import rel_err
 
 __all__ = ["rel_err", "assert_close_rel", "poison", "TOL"]
-
-# Relative-norm tolerances per dtype (see seqgen_fast._checks.DEFAULT_TOL for the reasons).
-from seqgen_fast._checks import DEFAULT_TOL as TOL  # noqa: E402
 
 
 def assert_close_rel(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:

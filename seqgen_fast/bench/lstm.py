@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from common import Case
+from . import Case
 
 # (batch, hidden, seq_len, layers) of the anchors
 SEQ_SHAPES = [(1, 512, 256, 1), (1, 1024, 256, 1), (16, 512, 512, 1), (64, 1024, 512, 1), (256, 256, 256, 1),
@@ -27,14 +27,14 @@ GEN_SHAPES = [(1, 512), (1, 1024), (32, 1024)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _seq_case(B: int, H: int, T: int, L: int, dtype: torch.dtype, backward: bool) -> Case:
+def _seq_case(B: int, H: int, T: int, L: int, dtype: torch.dtype, backward: bool, device: str = "cuda") -> Case:
     def setup():
         from seqgen_fast.nn import LSTM
 
-        cudnn = torch.nn.LSTM(H, H, num_layers=L, device="cuda", dtype=dtype)
+        cudnn = torch.nn.LSTM(H, H, num_layers=L, device=device, dtype=dtype)
         ours = LSTM.from_torch(cudnn)
-        x = torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=backward)
-        grad = torch.randn(T, B, H, device="cuda", dtype=dtype)
+        x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=backward)
+        grad = torch.randn(T, B, H, device=device, dtype=dtype)
 
         def runner(m):
             if backward:
@@ -49,7 +49,7 @@ def _seq_case(B: int, H: int, T: int, L: int, dtype: torch.dtype, backward: bool
 
     flops = 2.0 * T * B * 4 * H * (H + H) * L * (3 if backward else 1)
     op = f"lstm {'fwd+bwd' if backward else 'fwd'} L{L}"
-    return Case("lstm", op, f"B{B} H{H} T{T}", dtype, setup, anchor="cudnn", flops=flops, per_step=T)
+    return Case("lstm", op, f"B{B} H{H} T{T}", dtype, setup, anchor="cudnn", flops=flops, per_step=T, device=device)
 
 
 def _gen_case(B: int, H: int, dtype: torch.dtype, graph: bool) -> Case:
@@ -77,7 +77,13 @@ def _gen_case(B: int, H: int, dtype: torch.dtype, graph: bool) -> Case:
     return Case("lstm", op, f"B{B} H{H}", dtype, setup, anchor="lstmcell-loop", flops=flops, cuda_graph=graph)
 
 
-def cases(mode: str):
+def cases(mode: str, device: str = "cuda"):
+    if mode == "headline":  # cuDNN's persistent tensor-core case: the shape the FFMA product loses
+        yield _seq_case(64, 1024, 512, 1, torch.float16, backward=False)
+        return
+    if mode == "tiny":
+        yield _seq_case(2, 16, 5, 1, torch.float32, backward=False, device=device)
+        return
     if mode == "quick":
         yield _seq_case(1, 512, 256, 1, torch.float16, backward=False)
         yield _seq_case(64, 1024, 512, 1, torch.bfloat16, backward=False)

@@ -39,7 +39,7 @@ def compile_sm90(module: str, kernel: str, *, types: dict[str, str], constexprs:
     spec = dict(module=module, kernel=kernel, types=types, constexprs=constexprs, aligned=list(aligned),
                 unaligned=list(unaligned), num_warps=num_warps, num_stages=num_stages)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(spec), env=env,
                          capture_output=True, text=True, timeout=600)

@@ -1,20 +1,30 @@
 """Numerical self-checks of every op, run by ``seqgen-fast check`` and the test suites.
 
-A family registers a check with :func:`register_check`: a function ``fn(device, dtype)`` that draws
-fresh random inputs, runs the public op (whatever backend is forced around it) and returns
-``{output_name: (ours, reference)}``, the reference computed in float64 or by PyTorch's own
-implementation. :func:`run_checks` runs each check under each backend that can take it and
-reports the relative error norm ``||ours - ref|| / ||ref||`` of each output against the
-per-dtype tolerance.
+Each kernel family's ``seqgen_fast.checks.<family>`` module (the family manifest names them)
+registers its checks with :func:`register_check`: a function ``fn(device, dtype)`` that draws fresh
+random inputs, runs the public op (whatever backend is forced around it) and returns
+``{output_name: (ours, reference)}``, the reference computed by the project's own plain-PyTorch
+reference in float64, so no optional package is needed. A check that compares with an optional
+package as well (diffusers' own scheduler step, say) declares it in ``requires``; where that
+package is missing its rows are "n/a" with the install hint.
+
+:func:`run_checks` runs each check under each backend that can take it and reports the relative
+error norm ``||ours - ref|| / ||ref||`` of each output against the per-dtype tolerance.
+
+This package is the top floor of seqgen_fast: it may import anything, and nothing but the CLI and
+the tests imports it.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ._backend import BACKENDS, BackendError, use_backend
+from .._backend import BACKENDS, BackendError, use_backend
+from .._families import FAMILIES
 
 # Relative-norm tolerances per storage dtype. float32: Triton's dots use tf32 (~3e-4 error);
 # float16 has a 2^-11 unit roundoff; bfloat16 2^-8, accumulated over a reduction.
@@ -24,10 +34,12 @@ DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 2e-3, torch.float16: 5e-3, t
 @dataclass
 class Check:
     name: str
+    family: str  # the manifest family whose checks module registered it
     fn: Callable[[torch.device, torch.dtype], dict[str, tuple[torch.Tensor, torch.Tensor]]]
     dtypes: tuple[torch.dtype, ...]
     tol: dict[torch.dtype, float]
     cpu_dtypes: tuple[torch.dtype, ...]
+    requires: tuple[str, ...]
 
 
 @dataclass
@@ -46,17 +58,27 @@ _CHECKS: dict[str, Check] = {}
 
 
 def register_check(name: str, *, dtypes=(torch.float32, torch.float16, torch.bfloat16), tol=None,
-                   cpu_dtypes=(torch.float32,)):
+                   cpu_dtypes=(torch.float32,), requires: tuple[str, ...] = ()):
     """Register ``fn(device, dtype) -> {output: (ours, ref)}`` as check ``name``.
 
     ``cpu_dtypes`` limits the dtypes tried on the CPU (half-precision CPU kernels are slow and
-    not what users run there).
+    not what users run there). ``requires`` names optional packages (pip extras of seqgen_fast)
+    the check imports.
     """
     def deco(fn):
-        _CHECKS[name] = Check(name, fn, tuple(dtypes), {**DEFAULT_TOL, **(tol or {})}, tuple(cpu_dtypes))
+        _CHECKS[name] = Check(name, fn.__module__.rpartition(".")[2], fn, tuple(dtypes), {**DEFAULT_TOL, **(tol or {})}, tuple(cpu_dtypes),
+                              tuple(requires))
         return fn
 
     return deco
+
+
+def load_all(families=None) -> dict[str, Check]:
+    """Import the checks of ``families`` (names; default every family of the manifest)."""
+    for f in FAMILIES:
+        if families is None or f.name in families:
+            importlib.import_module(f"{__name__}.{f.name}")
+    return dict(_CHECKS)
 
 
 def all_checks() -> dict[str, Check]:
@@ -79,16 +101,30 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
-def run_checks(device: torch.device, names=None, backends=BACKENDS, dtypes=None) -> list[CheckRow]:
-    """Run the registered checks on ``device`` under every backend; one row per output."""
+def _missing(packages: tuple[str, ...]) -> str:
+    """The "needs ..." note for the optional packages that are not installed ('' when all are)."""
+    absent = [p for p in packages if importlib.util.find_spec(p) is None]
+    if not absent:
+        return ""
+    return "; ".join(f"needs {p}, not installed (pip install 'seqgen_fast[{p}]')" for p in absent)
+
+
+def run_checks(device: torch.device, names=None, backends=BACKENDS, dtypes=None, families=None) -> list[CheckRow]:
+    """Run the checks of ``families`` (default: every family, imported here) on ``device`` under every
+    backend; one row per output. ``names`` and ``dtypes`` limit the run when given."""
+    load_all(families)
     rows: list[CheckRow] = []
     for check in _CHECKS.values():
-        if names and check.name not in names:
+        if (names and check.name not in names) or (families and check.family not in families):
             continue
         want = check.dtypes if device.type == "cuda" else check.cpu_dtypes
+        missing = _missing(check.requires)
         for dtype in (d for d in want if dtypes is None or d in dtypes):
             dname = str(dtype).removeprefix("torch.")
             for backend in backends:
+                if missing:
+                    rows.append(CheckRow(check.name, backend, dname, "-", None, None, "n/a", missing))
+                    continue
                 try:
                     with use_backend(backend):
                         outs = check.fn(device, dtype)

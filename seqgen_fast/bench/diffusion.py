@@ -17,23 +17,23 @@ from __future__ import annotations
 
 import torch
 
-from common import Case
+from . import Case
 
 SHAPES = {"16x4x128x128": (16, 4, 128, 128), "8x16x16x128x128": (8, 16, 16, 128, 128)}
+TINY = {"2x4x8x8": (2, 4, 8, 8)}
 DTYPES = [torch.float32, torch.float16]
 KINDS = {"DDIM": "DDIMScheduler", "DDPM": "DDPMScheduler", "Euler": "EulerDiscreteScheduler",
          "DPM++2M": "DPMSolverMultistepScheduler"}
 STEPS = 50
-DEVICE = "cuda"  # a dry run of the providers' logic can set "cpu"
 # Stable Diffusion's DDIM/DDPM settings; the other schedulers at their defaults
 CONFIGS = {"DDIMScheduler": dict(clip_sample=False, set_alpha_to_one=False), "DDPMScheduler": dict(clip_sample=False)}
 
 
-def _scheduler(cls: str):
+def _scheduler(cls: str, device: str):
     import diffusers
 
     s = getattr(diffusers, cls)(**CONFIGS.get(cls, {}))
-    s.set_timesteps(STEPS, device=DEVICE)
+    s.set_timesteps(STEPS, device=device)
     return s
 
 
@@ -51,18 +51,18 @@ def _ddim_compiled():
     return torch.compile(step, fullgraph=True)
 
 
-def _ddim_coefs(s, t: int):
+def _ddim_coefs(s, t: int, device: str):
     T = s.config.num_train_timesteps
     ab = s.alphas_cumprod[t].double()
     prev = t - T // s.num_inference_steps
     abp = s.alphas_cumprod[prev].double() if prev >= 0 else s.final_alpha_cumprod.double()
     vals = [ab.sqrt(), (1 - ab).sqrt(), abp.sqrt(), (1 - abp).sqrt()]
-    return [v.float().to(DEVICE) for v in vals]
+    return [v.float().to(device) for v in vals]
 
 
-def _step_case(kind: str, shape_name: str, dtype: torch.dtype, guidance: bool) -> Case:
+def _step_case(kind: str, shape_name: str, dtype: torch.dtype, guidance: bool, device: str = "cuda") -> Case:
     cls = KINDS[kind]
-    shape = SHAPES[shape_name]
+    shape = {**SHAPES, **TINY}[shape_name]
     B = shape[0]
     n = torch.Size(shape).numel()
     esize = torch.tensor([], dtype=dtype).element_size()
@@ -72,12 +72,12 @@ def _step_case(kind: str, shape_name: str, dtype: torch.dtype, guidance: bool) -
     def setup():
         from seqgen_fast.diffusion import fast_scheduler
 
-        x = torch.randn(shape, device=DEVICE, dtype=dtype)
-        mo = torch.randn((2 * B if guidance else B, *shape[1:]), device=DEVICE, dtype=dtype)
+        x = torch.randn(shape, device=device, dtype=dtype)
+        mo = torch.randn((2 * B if guidance else B, *shape[1:]), device=device, dtype=dtype)
         g = 7.5 if guidance else None
         k = 10
-        theirs = _scheduler(cls)
-        ours = fast_scheduler(_scheduler(cls), pred_original_sample=False)
+        theirs = _scheduler(cls, device)
+        ours = fast_scheduler(_scheduler(cls, device), pred_original_sample=False)
         t_dev = ours.timesteps[k]
         t_int = int(theirs.timesteps[k])
 
@@ -108,16 +108,16 @@ def _step_case(kind: str, shape_name: str, dtype: torch.dtype, guidance: bool) -
         fns = {"ours": run_ours, "diffusers": run_diffusers}
         if kind == "DDIM":
             compiled = _ddim_compiled()
-            coefs = _ddim_coefs(theirs, t_int)
-            gt = torch.tensor(7.5, device=DEVICE)
+            coefs = _ddim_coefs(theirs, t_int, device)
+            gt = torch.tensor(7.5, device=device)
             fns["torch.compile"] = lambda: compiled(x, mo, gt, *coefs, guidance)
         return fns
 
     op = f"{'CFG+' if guidance else ''}{kind} step"
-    return Case("diffusion", op, shape_name, dtype, setup, anchor="diffusers", bytes=nbytes)
+    return Case("diffusion", op, shape_name, dtype, setup, anchor="diffusers", bytes=nbytes, device=device)
 
 
-def _loop_case(dtype: torch.dtype) -> Case:
+def _loop_case(dtype: torch.dtype, device: str = "cuda") -> Case:
     """50 DDIM steps with guidance on small latents, replayed from one CUDA graph (the model output is fixed)."""
     shape = SHAPES["16x4x128x128"]
     B = shape[0]
@@ -127,9 +127,9 @@ def _loop_case(dtype: torch.dtype) -> Case:
     def setup():
         from seqgen_fast.diffusion import fast_scheduler
 
-        x0 = torch.randn(shape, device=DEVICE, dtype=dtype)
-        mo = torch.randn((2 * B, *shape[1:]), device=DEVICE, dtype=dtype)
-        ours = fast_scheduler(_scheduler("DDIMScheduler"), pred_original_sample=False)
+        x0 = torch.randn(shape, device=device, dtype=dtype)
+        mo = torch.randn((2 * B, *shape[1:]), device=device, dtype=dtype)
+        ours = fast_scheduler(_scheduler("DDIMScheduler", device), pred_original_sample=False)
         ts = list(ours.timesteps)
 
         def run_ours():
@@ -139,8 +139,8 @@ def _loop_case(dtype: torch.dtype) -> Case:
             return x
 
         compiled = _ddim_compiled()
-        coefs = [_ddim_coefs(ours.scheduler, int(t)) for t in ours.timesteps]
-        gt = torch.tensor(7.5, device=DEVICE)
+        coefs = [_ddim_coefs(ours.scheduler, int(t), device) for t in ours.timesteps]
+        gt = torch.tensor(7.5, device=device)
 
         def run_compiled():
             x = x0
@@ -148,7 +148,7 @@ def _loop_case(dtype: torch.dtype) -> Case:
                 x = compiled(x, mo, gt, *c, True)
             return x
 
-        theirs = _scheduler("DDIMScheduler")
+        theirs = _scheduler("DDIMScheduler", device)
         t_ints = [int(t) for t in theirs.timesteps]
 
         def run_diffusers():
@@ -161,10 +161,16 @@ def _loop_case(dtype: torch.dtype) -> Case:
         return {"ours": run_ours, "torch.compile": run_compiled, "diffusers": run_diffusers}
 
     return Case("diffusion", f"CFG+DDIM {STEPS}-step loop (graph)", "16x4x128x128", dtype, setup,
-                anchor="diffusers", bytes=STEPS * esize * n * 4, per_step=STEPS, cuda_graph=True)
+                anchor="diffusers", bytes=STEPS * esize * n * 4, per_step=STEPS, cuda_graph=True, device=device)
 
 
-def cases(mode: str):
+def cases(mode: str, device: str = "cuda"):
+    if mode == "headline":
+        yield _step_case("DDIM", "8x16x16x128x128", torch.float16, True)
+        return
+    if mode == "tiny":
+        yield _step_case("DDIM", "2x4x8x8", torch.float32, True, device=device)
+        return
     if mode == "quick":
         yield _step_case("DDIM", "8x16x16x128x128", torch.float16, True)
         yield _step_case("DDIM", "16x4x128x128", torch.float16, True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from common import Case
+from . import Case
 
 # (label, keyword arguments): the usual chat setting, and nucleus alone (the sort-bound case in torch)
 SETTINGS = [("top_k=50 top_p=0.9 T=0.8", dict(temperature=0.8, top_k=50, top_p=0.9)),
@@ -23,15 +23,15 @@ QUICK = [(1, 128256, torch.bfloat16), (64, 128256, torch.bfloat16)]
 FULL = [(b, v, d) for d in (torch.float32, torch.bfloat16) for v in (32000, 128256) for b in (1, 64)]
 
 
-def _setup(batch: int, vocab: int, dtype: torch.dtype, kwargs: dict):
+def _setup(batch: int, vocab: int, dtype: torch.dtype, kwargs: dict, device: str):
     def setup():
         from seqgen_fast.functional import sample_tokens
         from seqgen_fast.reference import sampling as reference
 
-        logits = (torch.randn(batch, vocab, device="cuda") * 3).to(dtype)
+        logits = (torch.randn(batch, vocab, device=device) * 3).to(dtype)
         fns = {"ours": lambda: sample_tokens(logits, **kwargs),
                "torch": lambda: reference.sample_tokens(logits, **kwargs)}
-        if "top_k" in kwargs:  # ours picks the two-stage top-k here; time the single stage beside it
+        if "top_k" in kwargs and device == "cuda":  # ours picks the two-stage top-k here; time the single stage beside it
             from seqgen_fast.kernels import sampling as kernel
             from seqgen_fast.ops.sampling import draw_seed
 
@@ -43,10 +43,21 @@ def _setup(batch: int, vocab: int, dtype: torch.dtype, kwargs: dict):
     return setup
 
 
-def cases(mode: str):
+def _case(batch: int, vocab: int, dtype: torch.dtype, setting: tuple[str, dict], device: str = "cuda") -> Case:
+    label, kwargs = setting
+    return Case("sampling", f"sample_tokens {label}", f"B{batch} V{vocab}", dtype,
+                _setup(batch, vocab, dtype, kwargs, device), anchor="torch",
+                bytes=batch * vocab * torch.finfo(dtype).bits // 8, device=device)
+
+
+def cases(mode: str, device: str = "cuda"):
+    if mode == "headline":
+        yield _case(64, 128256, torch.bfloat16, SETTINGS[0])
+        return
+    if mode == "tiny":
+        yield _case(2, 97, torch.float32, SETTINGS[0], device=device)
+        return
     settings = SETTINGS[:1] if mode == "quick" else SETTINGS
     for batch, vocab, dtype in (QUICK if mode == "quick" else FULL):
-        for label, kwargs in settings:
-            yield Case("sampling", f"sample_tokens {label}", f"B{batch} V{vocab}", dtype,
-                       _setup(batch, vocab, dtype, kwargs), anchor="torch",
-                       bytes=batch * vocab * torch.finfo(dtype).bits // 8)
+        for setting in settings:
+            yield _case(batch, vocab, dtype, setting)

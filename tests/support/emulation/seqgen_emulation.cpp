@@ -1,0 +1,12 @@
+// The emulation's entry points for ctypes, linked into every emulated library (tests/support/emulation.py).
+#include "seqgen_emulation_shim.h"
+
+// Device facts the launchers query and the block size of the runtime-API launches (seqgen_emulation.h).
+extern "C" void emu_config(int sms, int smem_optin, int threads) {
+  emu_sms = sms;
+  emu_smem_optin = smem_optin;
+  emu_threads = threads;
+}
+
+// The message of the last exception an EMU_CALL caught.
+extern "C" const char* emu_error_message() { return emu_error; }

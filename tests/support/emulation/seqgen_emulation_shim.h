@@ -1,0 +1,30 @@
+// What a test's shim needs: the extern "C" functions through which ctypes calls a csrc launcher.
+//
+//   #include "seqgen_emulation_shim.h"
+//   #include "lstm.h"
+//   extern "C" int emu_cell(int dtype, long B, ..., uptr x, ...) {
+//     EMU_CALL(seqgen::lstm::cell_step(0, dtype, B, ..., x, ..., 0))
+//   }
+//
+// EMU_CALL returns 0, or 1 after keeping the message of the exception the launcher threw (a bad
+// argument, or a launch the emulation refused) for emu_error_message().
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+
+#include "seqgen_emulation.h"
+
+using uptr = std::uintptr_t;  // a device pointer passed as an integer, as the pybind launchers take it
+
+inline char emu_error[1024];
+
+#define EMU_CALL(body)                                                    \
+  try {                                                                   \
+    body;                                                                 \
+    return 0;                                                             \
+  } catch (const std::exception& e) {                                     \
+    std::snprintf(emu_error, sizeof emu_error, "%s", e.what());          \
+    return 1;                                                             \
+  }
