@@ -14,7 +14,8 @@ namespace diffusion {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kNcoef = 8;
+constexpr int kNcoef = 24;  // row stride of the table (seqgen_fast/_contract.py)
+constexpr int kAuxX = 19, kAuxX0 = 20;  // aux = aux_x * x' + aux_x0 * x0c (columns DX, D0)
 
 struct Params {
   const void* x;
@@ -104,9 +105,11 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Params p) {
     row = static_cast<int64_t>(t);
     valid = t >= 0.0f && static_cast<float>(row) == t && row < p.rows;
   }
-  float c[kNcoef];
+  float c[8];  // the single-step terms: columns 0..7
 #pragma unroll
-  for (int k = 0; k < kNcoef; ++k) c[k] = valid ? p.coef[row * kNcoef + k] : __int_as_float(0x7fc00000);
+  for (int k = 0; k < 8; ++k) c[k] = valid ? p.coef[row * kNcoef + k] : __int_as_float(0x7fc00000);
+  const float aux_x = valid ? p.coef[row * kNcoef + kAuxX] : __int_as_float(0x7fc00000);
+  const float aux_x0 = valid ? p.coef[row * kNcoef + kAuxX0] : __int_as_float(0x7fc00000);
   const float g = p.guidance ? p.guidance[b] : p.guidance_scale;
   const float ms = p.model_scale ? p.model_scale[b] : 1.0f;
   const float thr = p.x0_mode == 2 ? p.threshold[b] : 1.0f;
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Params p) {
     float o = c[2] * xi + c[3] * x0 + c[4] * mv[i];
     if (p.noise_mode != 0) o += c[6] * nv[i];
     op.v[i] = from_float<T>(o);
-    xo.v[i] = from_float<T>(x0);
+    xo.v[i] = from_float<T>(aux_x * xi + aux_x0 * x0);
   }
   if (VEC) {
     *reinterpret_cast<Pack<T, PACK>*>(out + first) = op;

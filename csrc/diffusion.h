@@ -1,14 +1,14 @@
 // Fused diffusion scheduler step (the CUDA twin of seqgen_fast/kernels/diffusion.py for the DDPM- and
 // DDIM-style steps: no multistep history, no timestep search). Math and row layout as in
-// seqgen_fast/reference/diffusion.py; per sample b with row c = coef[key_b] (8 floats:
-// x0_x, x0_m, x, x0, m, hist, noise, pre_noise):
+// seqgen_fast/reference/diffusion.py; per sample b with row c = coef[key_b] (24 floats, of which this
+// kernel reads columns 0..7 -- x0_x, x0_m, x, x0, m, (h1), noise, pre_noise -- and 19, 20 -- aux_x, aux_x0):
 //
 //   m   = model_scale_b * (u + g_b (c - u))   (cfg: model_output is [uncond (B); cond (B)]) else model_output
 //   x'  = x + c.pre_noise * n
 //   x0  = c.x0_x x' + c.x0_m m ;  x0c = clamp(x0, -r, r) (x0_mode 1) or clamp(x0, -s_b, s_b) / s_b (x0_mode 2)
-//   out = c.x x' + c.x0 x0c + c.m m + c.noise n
+//   out = c.x x' + c.x0 x0c + c.m m + c.noise n ;  x0 output = c.aux_x x' + c.aux_x0 x0c
 //
-// Layouts: sample, out, x0, noise [B, N] contiguous; model_output [B or 2B, N]; coef [rows, 8] fp32;
+// Layouts: sample, out, x0, noise [B, N] contiguous; model_output [B or 2B, N]; coef [rows, 24] fp32;
 // timesteps [B] (stride ts_stride, 0 = one for all) of dtype code ts_dtype (0 f32, 1 i64, 2 i32),
 // read when key < 0 (the row is the integer timestep; a non-integer or out-of-table timestep gives NaN);
 // guidance, model_scale, threshold [B] fp32 or 0 (null). noise_mode 0 none, 1 given (dtype code

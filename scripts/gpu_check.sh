@@ -19,7 +19,9 @@
 #               bench --dry-run (tiny shapes: proves the pipeline, measures nothing)
 #   --full      part PART (1..GPU_CHECK_PARTS, default 4) of the whole GPU suite and every benchmark:
 #               build, info, 1/N of `pytest -m gpu` (--shard PART/N), `bench --full` of some families;
-#               each part fits in one device call of ~9 minutes. Without PART: prints the parts.
+#               then one part more per SOLO family (decode): build, info and that family's `bench --full`
+#               alone, its compiles filling a device call; each part fits in one device call of ~9 minutes.
+#               Without PART: prints the parts.
 # Each step has a time limit in seconds, GPU_CHECK_TIMEOUT_<STEP> to override (GPU_CHECK_TIMEOUT_PYTEST=300).
 # A failed or timed-out step is recorded and the later steps still run; the exit status is 1 if any step
 # (or the report) failed. Wheels in .whl/ (diffusers, ...) are installed to /tmp/site first (GPU modes).
@@ -45,20 +47,31 @@ PART=${2:-}
 cd "$(dirname "$0")/.."
 PARTS=${GPU_CHECK_PARTS:-4}
 read -ra FAMILIES <<<"$("$PY" -c 'import runpy; print(*runpy.run_path("seqgen_fast/_families.py")["NAMES"])')"
+# Families whose --full bench takes a part of its own: decode compiles ~25 kernel variants and 6
+# flex_attention graphs (~4-5 minutes), beyond a shared part's bench limit.
+SOLO=(decode)
+SHARED=()
+for f in "${FAMILIES[@]}"; do [[ " ${SOLO[*]} " == *" $f "* ]] || SHARED+=("$f"); done
+TOTAL=$((PARTS + ${#SOLO[@]}))
 
-part_families() {  # part K of PARTS benchmarks every PARTS-th family, starting at the K-th
+part_families() {  # part K <= PARTS benchmarks every PARTS-th shared family from the K-th; later parts one SOLO each
   local k=$1 i
-  for i in "${!FAMILIES[@]}"; do ((i % PARTS == k - 1)) && echo -n "${FAMILIES[i]} "; done
+  if ((k > PARTS)); then echo -n "${SOLO[k - PARTS - 1]} "; return; fi
+  for i in "${!SHARED[@]}"; do ((i % PARTS == k - 1)) && echo -n "${SHARED[i]} "; done
 }
 
 if [ "$MODE" = full ]; then
-  echo "gpu_check --full: $PARTS parts, one device call each (GPU_CHECK_PARTS to change):"
-  for ((k = 1; k <= PARTS; k++)); do
+  echo "gpu_check --full: $TOTAL parts, one device call each (GPU_CHECK_PARTS to change the shared ones):"
+  for ((k = 1; k <= TOTAL; k++)); do
     fams=$(part_families "$k")
-    echo "  part $k/$PARTS: build, info, pytest -m gpu --shard $k/$PARTS, bench --full of: ${fams:-no family}"
+    if ((k > PARTS)); then
+      echo "  part $k/$TOTAL: build, info, bench --full of: $fams(alone)"
+    else
+      echo "  part $k/$TOTAL: build, info, pytest -m gpu --shard $k/$PARTS, bench --full of: ${fams:-no family}"
+    fi
   done
-  if ! [[ $PART =~ ^[0-9]+$ ]] || ((PART < 1 || PART > PARTS)); then
-    echo "usage: bash scripts/gpu_check.sh --full RESULTS_DIR PART   (PART in 1..$PARTS)" >&2
+  if ! [[ $PART =~ ^[0-9]+$ ]] || ((PART < 1 || PART > TOTAL)); then
+    echo "usage: bash scripts/gpu_check.sh --full RESULTS_DIR PART   (PART in 1..$TOTAL)" >&2
     exit 2
   fi
 fi
@@ -78,6 +91,7 @@ case $MODE in
   full) LIMIT=([build]=150 [info]=20 [pytest]=270 [bench]=90) ;;
   dry-run) LIMIT=([info]=60 [pytest]=300 [check]=240 [bench]=300) ;;
 esac
+[ "$MODE" = full ] && ((PART > PARTS)) && LIMIT[bench]=360  # a SOLO part: 150+20+360 = 530 s
 
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1  # autotune choices on disk, shared by the xdist workers and check (not bench)
@@ -136,8 +150,12 @@ if ((workers >= 2)) && "$PY" -c "import xdist" 2>/dev/null; then
   extra+=(-n "$workers")
   omp=("OMP_NUM_THREADS=$(($(nproc) / workers))")  # each worker's CPU references, without oversubscription
 fi
-run_step pytest "-m '$marks'${extra[*]:+ ${extra[*]}}" env "${omp[@]}" "$PY" -m pytest tests \
-  --ignore=tests/test_gpu_check.py -m "$marks" "${extra[@]}" -q -rfEs -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+if [ "$MODE" = full ] && ((PART > PARTS)); then
+  skip_step pytest "part $PART/$TOTAL benchmarks $(part_families "$PART")alone; parts 1..$PARTS run the GPU tests"
+else
+  run_step pytest "-m '$marks'${extra[*]:+ ${extra[*]}}" env "${omp[@]}" "$PY" -m pytest tests \
+    --ignore=tests/test_gpu_check.py -m "$marks" "${extra[@]}" -q -rfEs -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+fi
 
 # --- sanitizer
 if [ "$MODE" = default ]; then
@@ -171,13 +189,13 @@ case $MODE in
     if ((${#fams[@]})); then
       run_step bench "--full: ${fams[*]}" "${bench[@]}" --full "${fams[@]/#/--family=}"
     else
-      skip_step bench "no family falls to part $PART of $PARTS"
+      skip_step bench "no family falls to part $PART of $TOTAL"
     fi ;;
 esac
 
 # --- report
 echo
-timeout 60 "$PY" scripts/gpu_report.py "$OUT" --mode "$MODE" ${PART:+--part "$PART/$PARTS"}
+timeout 60 "$PY" scripts/gpu_report.py "$OUT" --mode "$MODE" ${PART:+--part "$PART/$TOTAL"}
 report_rc=$?
 ((report_rc == 0)) || echo "gpu_check: the report failed (rc=$report_rc); the logs are in $OUT" >&2
 echo "gpu_check ($MODE): ${SECONDS} s in all; results in $OUT"

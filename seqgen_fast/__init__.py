@@ -10,8 +10,11 @@ from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendError", "use_backend", "swap_modules", "functional", "nn", "diffusion", "__version__"]
+__all__ = ["BACKENDS", "BackendError", "use_backend", "debug_checks", "swap_modules", "warmup", "functional", "nn", "diffusion",
+           "__version__"]
 
 from . import diffusion, functional, nn  # noqa: E402  (light: their contents load lazily)
 
-__getattr__ = lazy_getattr(__name__, {"swap_modules": "seqgen_fast.integrations.swap"})
+__getattr__ = lazy_getattr(__name__, {"swap_modules": "seqgen_fast.integrations.swap",
+                                      "debug_checks": "seqgen_fast._debug",
+                                      "warmup": "seqgen_fast.ops.attention"})

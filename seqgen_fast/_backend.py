@@ -105,6 +105,15 @@ def _triton_import_error() -> str | None:
     return _TRITON_PROBE[0]
 
 
+@torch.compiler.assume_constant_result
+def _probe_backends() -> bool:
+    """Runs every backend's availability probe (the triton import check fills a cache on first use),
+    as a constant of the trace (see :meth:`Dispatcher.select`)."""
+    for name in BACKENDS:
+        backend_unavailable(name)
+    return True
+
+
 def backend_unavailable(name: str) -> str | None:
     """Why backend ``name`` cannot run at all on this machine, or None when it can."""
     if name == "reference":
@@ -243,7 +252,11 @@ class Dispatcher:
         return list(self.impls[backend].supports(*args, **kwargs))
 
     def select(self, *args, backend: str | None = None, **kwargs) -> str:
-        """Name of the backend that will run this call (forced, or the first capable)."""
+        """Name of the backend that will run this call (forced, or the first capable). Traced by
+        torch.compile, the choice is a trace-time constant: the backend probes' caches are filled
+        first, so what the trace guards on is already final."""
+        if torch.compiler.is_compiling():
+            _probe_backends()
         forced = forced_backend(backend)
         if forced is not None:
             stack = _stack()

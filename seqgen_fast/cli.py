@@ -169,6 +169,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def bench_script(family: str, argv: list[str]) -> int:
+    """``python benchmarks/bench_<family>.py [--quick|--headline|--dry-run] [--json F] [--csv F] [--plot F]``:
+    ``seqgen-fast bench`` of one family, every case (``--full``) unless a mode is given."""
+    modes = {"--quick", "--headline", "--full", "--dry-run"}
+    return main(["bench", "--family", family, *([] if modes & set(argv) else ["--full"]), *argv])
+
+
 def _driver_version() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

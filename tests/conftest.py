@@ -16,6 +16,7 @@ import os
 import zlib
 
 import torch
+from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,6 +24,14 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+# The fuzz suite's profiles (tests/support/fuzz.py): "ci" by default, "long" with
+# `pytest -m fuzz --hypothesis-profile long`.
+_FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=int(os.environ.get("SEQGEN_FAST_FUZZ_EXAMPLES", "30")),
+                          derandomize=True, print_blob=True, **_FUZZ)
+settings.register_profile("long", max_examples=2000, print_blob=True, **_FUZZ)
+settings.load_profile("ci")
 
 
 def pytest_addoption(parser):

@@ -14,10 +14,11 @@ diffusers = pytest.importorskip("diffusers")
 
 from seqgen_fast import _ext  # noqa: E402
 from seqgen_fast._backend import use_backend  # noqa: E402
-from seqgen_fast.diffusion import fast_scheduler, sample  # noqa: E402
+from seqgen_fast._contract import AN, NCOEF  # noqa: E402
+from seqgen_fast.diffusion import fast_scheduler, sample, tables  # noqa: E402
 from seqgen_fast.kernels import diffusion_cuda  # noqa: E402
 from seqgen_fast.ops import diffusion as ops  # noqa: E402
-from support.aot import compile_sm90, pointers  # noqa: E402
+from support.aot import compile_sm90  # noqa: E402
 from support.utils import assert_close_rel  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The `scale_model_input` function should be called")
@@ -179,9 +180,14 @@ def test_per_sample_timesteps_noisy(cls):
         want = theirs.step(mo[b:b + 1], theirs.timesteps[i], x[b:b + 1], generator=g).prev_sample
         drawn = torch.randn(x[b:b + 1].shape, generator=gen(100 + b))
         _, single = pair(cls)
-        ref = single.step(mo[b:b + 1], ts[b:b + 1], x[b:b + 1], variance_noise=drawn).prev_sample
-        assert_close_rel(ref, want, TOL32, f"{cls} sample {b}: per-sample path with diffusers' noise")
-        mine = single.step(mo[b:b + 1], ts[b:b + 1], x[b:b + 1], variance_noise=noise[b:b + 1]).prev_sample
+        if hasattr(single, "set_begin_index"):
+            single.set_begin_index(i)
+        ref = single.step(mo[b:b + 1], ts[b], x[b:b + 1], variance_noise=drawn).prev_sample
+        assert_close_rel(ref, want, TOL32, f"{cls} sample {b}: fused step with diffusers' noise")
+        _, single = pair(cls)
+        if hasattr(single, "set_begin_index"):
+            single.set_begin_index(i)
+        mine = single.step(mo[b:b + 1], ts[b], x[b:b + 1], variance_noise=noise[b:b + 1]).prev_sample
         assert_close_rel(got[b:b + 1], mine, TOL32, f"{cls} sample {b}: batched vs alone")
 
 
@@ -280,12 +286,12 @@ def _noise_of(backend, seed, offset, shape=(2, 4, 32, 32), rng_offset=None):
     ours = fast_scheduler(diffusers.DDPMScheduler(clip_sample=False), seed=seed, backend=backend)
     ours.offset = offset
     if rng_offset is not None:
-        ours._rng_offset = torch.tensor([rng_offset])
+        ours._sf.rng_offset = torch.tensor([rng_offset])
     x, mo = torch.randn(shape), torch.randn(shape)
     t = 500
     noisy = ours.step(mo, t, x).prev_sample
     clean = ours.step(mo, t, x, variance_noise=torch.zeros(shape)).prev_sample
-    sigma = float(torch.as_tensor(ours._table(x.device, {}).rows[t, 6]))
+    sigma = float(tables.ddpm_rows(ours, "fixed_small")[t, AN])
     return (noisy - clean) / sigma
 
 
@@ -347,10 +353,10 @@ def test_device_timestep_outside_table_gives_nan(backend):
     ours.set_timesteps(10)
     x, mo = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     # a CPU tensor is checked on the host; the in-kernel path is what a device tensor takes
-    coef = ours._table(x.device, dict(eta=0.0, use_clipped_model_output=False)).coef
-    out, _ = ops.diffusion_step(x, mo, coef, -1, torch.tensor([1000.0, 5.5]), None, backend=backend)
+    coef = torch.as_tensor(tables.ddim_rows(ours, 0.0, False), dtype=torch.float32)
+    out = ops.diffusion_step(x, mo, coef, -1, torch.tensor([1000.0, 5.5]), None, backend=backend)[0]
     assert torch.isnan(out).all()
-    out, _ = ops.diffusion_step(x, mo, coef, -1, torch.tensor([999, 0]), None, backend=backend)
+    out = ops.diffusion_step(x, mo, coef, -1, torch.tensor([999, 0]), None, backend=backend)[0]
     assert not torch.isnan(out).any()
 
 
@@ -362,10 +368,10 @@ def test_opcheck(backend):
     ours = fast_scheduler(diffusers.DPMSolverMultistepScheduler())
     ours.set_timesteps(10)
     x, mo = torch.randn(2, 3, 4, 4), torch.randn(4, 3, 4, 4)
-    coef = ours._table(x.device, {}).coef
-    hist = torch.zeros_like(x)
-    args = (x, mo, coef, 2, None, None, True, 3.0, None, None, 0, 1.0, None, hist, True, None, 2, 5, 1,
-            torch.tensor([3]), True, backend)
+    coef = torch.as_tensor(tables.dpm_rows(ours, 2), dtype=torch.float32)
+    hist = torch.randn_like(x)
+    args = (x, mo[:2], mo[2:], None, None, hist, None, None, None, coef, 2, None, None, 3.0, None, None, 0, 1.0,
+            None, 2, 0, 5, 1, torch.tensor([3]), torch.float32, None, torch.float16, None, backend)
     with use_backend(backend):
         torch.library.opcheck(torch.ops.seqgen_fast.diffusion_step.default, args,
                               test_utils=("test_schema", "test_faketensor"))
@@ -379,8 +385,8 @@ def test_cuda_extension_exposes_step():
 
 def test_cuda_backend_declines_cpu_and_dpm():
     x = torch.randn(2, 3)
-    args = (x, x, torch.zeros(4, 8), 0, None, None, False, 0.0, None, None, 0, 1.0, None, torch.zeros_like(x), True,
-            None, 0, 0, 0, False)
+    args = (x, x, None, None, None, torch.zeros_like(x), None, None, None, torch.zeros(4, NCOEF), 0, None, None, 0.0,
+            None, None, 0, 1.0, None, 0, 0, 0, 0, None, x.dtype, None, x.dtype, None)
     why = ops.STEP.reasons("cuda", *args)
     assert why and any("CUDA" in w or "_C" in w or "history" in w for w in why)
 
@@ -392,8 +398,6 @@ def test_bad_inputs():
     t = ours.timesteps[0]
     with pytest.raises(ValueError, match="model_output"):
         ours.step(torch.randn(2, 4, 6, 5), t, x)
-    with pytest.raises(TypeError, match="dtype"):
-        ours.step(torch.randn(SHAPE, dtype=torch.float64), t, x)
     with pytest.raises(ValueError, match="2B"):
         ours.step(torch.randn(SHAPE), t, x, guidance_scale=5.0)
     with pytest.raises(ValueError, match="timestep"):
@@ -411,16 +415,19 @@ def test_bad_inputs():
         ddim.step(torch.randn(SHAPE), 10, x)
 
 
-@pytest.mark.parametrize("cls,config,option", [
-    ("DDPMScheduler", dict(variance_type="learned"), "variance_type"),
-    ("DDPMScheduler", dict(variance_type="fixed_large_log"), "variance_type"),
-    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type"),
-    ("DPMSolverMultistepScheduler", dict(solver_order=3), "solver_order"),
-    ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type"),
+@pytest.mark.parametrize("cls,config,error", [
+    ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), NotImplementedError),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver", solver_order=3,
+                                         final_sigmas_type="sigma_min"), UnboundLocalError),
 ])
-def test_unsupported_config_names_option(cls, config, option):
-    with pytest.raises(NotImplementedError, match=f"option {option}"):
-        fast_scheduler(getattr(diffusers, cls)(**config))
+def test_what_diffusers_rejects_at_step_we_reject(cls, config, error):
+    """Configurations diffusers builds but cannot step: the fused scheduler builds them and raises at step too."""
+    for s in (getattr(diffusers, cls)(**config), fast_scheduler(getattr(diffusers, cls)(**config), backend="reference")):
+        s.set_timesteps(6)
+        mo, x = torch.randn(SHAPE), torch.randn(SHAPE)
+        with pytest.raises(error):
+            for t in s.timesteps:
+                x = s.step(mo, t, x, generator=gen(0)).prev_sample
 
 
 def test_unsupported_scheduler_class():
@@ -429,14 +436,22 @@ def test_unsupported_scheduler_class():
 
 
 def test_cuda_binding_accepts_the_launcher_arguments():
-    """The Python launcher's keywords match the pybind11 signature (a zero batch returns before any CUDA call)."""
+    """The launcher passes _C.diffusion_step its arguments by position: ARGS is the binding's own order (read from
+    its pybind11 signature), and a call by those names with a zero batch returns before any CUDA call."""
+    import re
+
     if _ext.C is None:
         pytest.skip(_ext.reason)
+    declared = re.findall(r"(\w+): ", _ext.C.diffusion_step.__doc__.split("->")[0])
+    assert tuple(declared) == diffusion_cuda.ARGS
     x = torch.randn(0, 4)
-    kw = diffusion_cuda.launch_args(x, x, torch.zeros(3, 8), -1, torch.zeros(0, dtype=torch.int64), None, None, None, x, 1, True,
-                                    7.5, 2, 1.0, 2**62 + 5, 2**32 + 1, torch.zeros(1, dtype=torch.int64), x, None, 0,
-                                    0)
-    assert _ext.C.diffusion_step(**kw) is None
+    p = diffusion_cuda.plan(x, torch.zeros(3, 8), torch.zeros(0, dtype=torch.int64), x, 1, True, 2, 1.0, device=0)
+    values = diffusion_cuda.launch_args(p, x, x, torch.zeros(3, 8), -1, torch.zeros(0, dtype=torch.int64), None,
+                                        None, None, x, 7.5, 2**62 + 5, 2**32 + 1, torch.zeros(1, dtype=torch.int64),
+                                        x, None, 0)
+    assert len(values) == len(diffusion_cuda.ARGS)
+    assert _ext.C.diffusion_step(**dict(zip(diffusion_cuda.ARGS, values))) is None
+    assert _ext.C.diffusion_step(*values) is None
 
 
 def test_euler_rejects_integer_index():
@@ -454,23 +469,63 @@ def test_sample_bad_arguments():
         sample(lambda x, t: x, s, torch.randn(2, 3), num_inference_steps=0)
 
 
-@pytest.mark.parametrize("dt,lookup,noise,hist", [("fp16", 0, 0, 0), ("fp32", 1, 2, 0), ("bf16", 2, 1, 2)])
-def test_triton_kernel_compiles_for_sm90(dt, lookup, noise, hist):
-    """The interpreter hides compile errors: compile the kernel for sm_90 (ptxas, no GPU needed) and check
-    that its element accesses are 16-byte vectors."""
+def _sm90_specialisation(fp, lookup, noise, hist, strided):
+    """(types, constexprs, aligned) of the kernel as Triton's JIT specialises a launch of ``kernels.diffusion.plan``
+    (dead pointers and strides None, i.e. constexpr; integers i32 or i64 by value, D when divisible by 16; the
+    per-call key, seed and offsets int64 by annotation)."""
+    from seqgen_fast._contract import NCOEF
+    from seqgen_fast.kernels import diffusion as kd
+
+    B, shape = 2, (2, 4, 64, 64)
+    x = torch.randn(shape).to(fp)
+    mo = torch.randn((2 * B, *shape[1:])).to(fp)
+    if strided:
+        x = x.contiguous(memory_format=torch.channels_last)
+    u, k = mo[:B], mo[B:]
+    h = [torch.randn(shape).to(fp) for _ in range(hist)] + [None] * (3 - hist)
+    f32 = torch.zeros(B)
+    ts = torch.zeros(B, dtype=torch.int64) if lookup else None
+    outs = (torch.empty(shape, dtype=fp), torch.empty(shape, dtype=fp) if hist == 0 else x.new_empty(0),
+            torch.empty(shape, dtype=fp) if hist else x.new_empty(0), torch.empty(shape, dtype=fp) if hist == 3
+            else x.new_empty(0))
+    args = (x, u, k, torch.randn(shape).to(fp) if noise else None, h[0] if hist == 3 else None, *h,
+            torch.randn(shape).to(fp) if noise == 1 else None, torch.zeros(50, NCOEF), -1 if lookup else 3, ts,
+            torch.zeros(50) if lookup == 2 else None, 7.5, f32 if lookup else None, f32 if lookup else None,
+            lookup, 1.0, f32 if lookup == 2 else None, noise, 2 if noise else 0, 5, 9,
+            torch.zeros(1, dtype=torch.int64) if noise == 2 else None, fp, *(t.dtype if t.numel() else None
+                                                                             for t in outs[1:]))
+    p = kd.plan(*args, outputs=outs, strided=strided)
+    geo = torch.zeros(4 + 4 * 9, dtype=torch.int64) if strided else None
+    names = kd._step_kernel.arg_names
+    values = dict(zip(names, kd.slots(args, outs, geo) + (3, 5, 9, 0, 7.5) + p.static, strict=True))
+    flags = names[names.index("LOOKUP"):]
+    const = {n: None if i < len(kd.SLOTS) and i not in p.live else values[n] for i, n in enumerate(names)
+             if n in flags or values[n] is None or i < len(kd.SLOTS) and i not in p.live}
+    tname = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
+    types = {n: "*" + tname[v.dtype] if isinstance(v, torch.Tensor) else "fp32" if isinstance(v, float) else
+             "i64" if n in ("key", "seed", "off_lo", "off_hi") or not -2**31 <= v < 2**31 else "i32"
+             for n, v in values.items() if n not in const}
+    aligned = tuple(n for n, v in values.items() if n not in const and type(v) is int and v % 16 == 0
+                    and n not in ("key", "seed", "off_lo", "off_hi", "B", "rows", "n_sched", "ts_stride"))
+    return types, const, aligned
+
+
+@pytest.mark.parametrize("dt,lookup,noise,hist,strided", [("fp16", 0, 0, 0, 0), ("fp32", 1, 2, 0, 1),
+                                                            ("bf16", 2, 1, 3, 0)])
+def test_triton_kernel_compiles_for_sm90(dt, lookup, noise, hist, strided):
+    """The interpreter hides compile errors: compile the kernel for sm_90 (ptxas, no GPU needed) as the JIT
+    specialises the launches of ``kernels.diffusion.plan``, and check that its element accesses are 16-byte
+    vectors on the flat path and that nothing spills."""
     import re
 
     from seqgen_fast.kernels import diffusion as kd
 
     fp = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dt]
-    const = dict(LOOKUP=lookup, SCHED_BLOCK=64, CFG=True, PER_SAMPLE_G=lookup > 0, MSCALE=lookup > 0,
-                 X0_MODE=lookup, NOISE=noise, RNG_OFFSET=noise == 2, HIST=hist, WRITE_X0=hist > 0, NCOEF_=8,
-                 BLOCK_=kd.block_size(fp))
-    types = {**pointers(dt, "x_ptr", "m_ptr", "out_ptr", "x0_ptr", "h_ptr", "n_ptr"),
-             **pointers("fp32", "coef_ptr", "sched_ptr", "g_ptr", "ms_ptr", "thr_ptr"),
-             **pointers("i64", "ts_ptr", "rng_ptr"),
-             "seed": "i64", "gscale": "fp32", "clip_range": "fp32"}
+    types, const, aligned = _sm90_specialisation(fp, lookup, noise, hist, strided)
     facts = compile_sm90("seqgen_fast.kernels.diffusion", "_step_kernel", types=types, constexprs=const,
-                         aligned=("N",), num_warps=kd.NUM_WARPS)
+                         aligned=aligned, num_warps=kd.NUM_WARPS)
     accesses = set(re.findall(r"(?:ld|st)\.global[.\w]*", facts["ptx"]))
-    assert "ld.global.v4.b32" in accesses and "st.global.v4.b32" in accesses, accesses
+    assert "st.global.v4.b32" in accesses, accesses
+    if not strided:
+        assert "ld.global.v4.b32" in accesses, accesses
+    assert facts["spill_bytes"] == 0, facts["spill_bytes"]

@@ -1,11 +1,13 @@
 """Fused diffusion steps on the GPU (marker ``gpu``): the Triton and CUDA kernels against the float64
-reference, in-kernel noise statistics, no host sync in a step, and CUDA-graph capture of sample()."""
+reference, in-kernel noise statistics, no host sync in a step, the pre-bound launch, and CUDA-graph capture of
+sample() (nothing built inside the capture)."""
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from seqgen_fast.diffusion import fast_scheduler, sample  # noqa: E402
+from seqgen_fast._contract import AN  # noqa: E402
+from seqgen_fast.diffusion import fast_scheduler, sample, tables  # noqa: E402
 from support.utils import assert_close_rel  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -85,7 +87,7 @@ def _noise(backend, seed, offset, dtype=torch.float32):
     mo = torch.randn(shape, device="cuda").to(dtype)
     noisy = fs.step(mo, 500, x).prev_sample.float()
     clean = fs.step(mo, 500, x, variance_noise=torch.zeros_like(x)).prev_sample.float()
-    return (noisy - clean) / float(fs._table(x.device, {}).rows[500, 6])
+    return (noisy - clean) / float(tables.ddpm_rows(fs, "fixed_small")[500, AN])
 
 
 @pytest.mark.smoke
@@ -161,3 +163,121 @@ def test_sample_cuda_graph_replays_draw_fresh_noise():
     assert not torch.allclose(replays[0], replays[1]) and not torch.allclose(replays[0], first)
     fs.offset = 2 * per_loop
     assert_close_rel(replays[1], sample(model, fs, lat, num_inference_steps=10), 1e-5, "second replay vs eager")
+
+
+def test_cuda_generator_keys_the_noise_and_advances_like_a_draw():
+    fs = fast_scheduler(diffusers.DDPMScheduler(clip_sample=False), backend="triton")
+    x = torch.randn(4, 4, 32, 32, device="cuda")
+    mo = torch.randn_like(x)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    a = fs.step(mo, 500, x, generator=g).prev_sample
+    probe = torch.Generator(device="cuda").manual_seed(3)
+    torch.randn(x.shape, device="cuda", generator=probe)
+    assert g.get_offset() == probe.get_offset(), "the generator advances as torch.randn of that size advances it"
+    assert torch.equal(fs.step(mo, 500, x, generator=torch.Generator(device="cuda").manual_seed(3)).prev_sample, a)
+    assert not torch.allclose(fs.step(mo, 500, x, generator=g).prev_sample, a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_strided_layouts_on_the_kernel(dtype, layout, cls):
+    view = {"channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+            "sliced": lambda t: torch.stack([t, t], dim=-1).flatten(-2)[..., ::2]}[layout]
+    outs = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        fs = fast_scheduler(getattr(diffusers, cls)(), backend=backend)
+        fs.set_timesteps(6, device="cuda")
+        x = torch.randn(3, 4, 24, 24, device="cuda").to(dtype)
+        res = []
+        for t in fs.timesteps[:3]:
+            mo = torch.randn(6, 4, 24, 24, device="cuda").to(dtype)
+            x = fs.step(view(mo), t, view(x), guidance_scale=4.0).prev_sample
+            res.append(x.float())
+        outs[backend] = res
+    for i, (a, b) in enumerate(zip(outs["triton"], outs["reference"])):
+        assert_close_rel(a, b, TOL[dtype] * 4, f"{cls} {layout} step {i}")
+
+
+@pytest.mark.smoke
+def test_flow_matching_video_latents_bf16_cfg():
+    fs = fast_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0), backend="triton")
+    fs.set_timesteps(50, device="cuda")
+    x = torch.randn(2, 16, 21, 60, 104, device="cuda", dtype=torch.bfloat16)
+    mo = torch.randn(4, 16, 21, 60, 104, device="cuda", dtype=torch.bfloat16)
+    t = fs.timesteps[7]
+    fs.set_begin_index(7)
+    got = fs.step(mo, t, x, guidance_scale=5.0).prev_sample
+    u, c = mo.double().chunk(2)
+    dt = float(fs.sigmas[8]) - float(fs.sigmas[7])
+    want = x.double() + dt * (u + 5.0 * (c - u))
+    assert got.dtype == torch.bfloat16
+    assert_close_rel(got.double(), want, TOL[torch.bfloat16], "flow Euler CFG bf16")
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_prebound_launch_matches_the_jit_launch(dtype):
+    """The second step of a plan calls Triton's compiled launcher directly (kernels.diffusion.launch): its
+    result is the JIT launch's, bit for bit, for aligned and misaligned inputs and with a launch hook
+    (which sends every launch through the JIT)."""
+    import triton
+
+    from seqgen_fast.kernels import diffusion as kd
+    from seqgen_fast.ops import diffusion as ops
+
+    fs = fast_scheduler(diffusers.DDIMScheduler(), backend="triton")
+    fs.set_timesteps(10, device="cuda")
+    x = torch.randn(3, 4, 24, 24, device="cuda").to(dtype)
+    mo = torch.randn(6, 4, 24, 24, device="cuda").to(dtype)
+    odd = torch.empty(x.numel() + 1, device="cuda", dtype=dtype)[1:].view(x.shape).copy_(x)
+    t = fs.timesteps[3]
+    for xin in (x, odd):
+        first = fs.step(mo, t, xin, guidance_scale=6.0).prev_sample
+        again = fs.step(mo, t, xin, guidance_scale=6.0).prev_sample
+        assert torch.equal(first, again)
+    plans = [p for p in ops._plans.values() if p.backend == "triton" and p.launch[1] is not None]
+    assert any(len(p.launch[1].bound) == 2 for p in plans), "aligned and misaligned inputs: two compiled kernels"
+    hook = triton.knobs.runtime.launch_enter_hook
+    seen = []
+    hook.add(seen.append)
+    try:
+        hooked = fs.step(mo, t, x, guidance_scale=6.0).prev_sample
+    finally:
+        hook.remove(seen.append)
+    assert seen and torch.equal(hooked, fs.step(mo, t, x, guidance_scale=6.0).prev_sample)
+    assert kd._DRIVER, "the pre-bound path is armed after the first JIT launch"
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"])
+def test_sample_capture_builds_nothing(cls, monkeypatch):
+    """Inside the capture of sample(cuda_graph=True) each step makes one launch, and no plan, table or launch
+    configuration is built and no launch goes through Triton's JIT: the eager warm-up (with the capture's
+    device offset) built them all."""
+    from seqgen_fast.diffusion import schedulers
+    from seqgen_fast.kernels import diffusion as kd
+    from seqgen_fast.ops import diffusion as ops
+
+    during = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            during.append((name, torch.cuda.is_current_stream_capturing()))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(ops, "_plans", {})
+    monkeypatch.setattr(ops._Plan, "build", classmethod(spy("plan", ops._Plan.build.__func__)))
+    monkeypatch.setattr(kd, "plan", spy("launch plan", kd.plan))
+    kernel = kd._step_kernel
+    monkeypatch.setattr(kd, "_step_kernel", type("K", (), {"__getitem__": lambda self, grid: spy(
+        "jit", kernel[grid])})())
+    monkeypatch.setattr(schedulers.tables, "host", spy("table", schedulers.tables.host))
+    monkeypatch.setattr(kd, "launch", spy("launch", kd.launch))
+    w = torch.randn(4, 4, device="cuda") * 0.1
+    lat = torch.randn(2, 4, 16, 16, device="cuda")
+    sample(lambda x, t: torch.einsum("bchw,cd->bdhw", x, w), fast_scheduler(getattr(diffusers, cls)()), lat,
+           guidance_scale=3.0, num_inference_steps=8, cuda_graph=True)
+    captured = [name for name, capturing in during if capturing]
+    assert captured == ["launch"] * 8, during  # one fused-step launch per captured step, and nothing built

@@ -4,7 +4,7 @@ The kernel file is compiled by g++ as it is, against the stand-in CUDA headers (
 csrc/common.cuh's SEQGEN_LAUNCH, runs emulated: blockIdx.y is the sample, 256 host threads per block)
 and its host launcher ``seqgen::diffusion::step`` -- the function the pybind binding exposes -- is called
 through a tiny ``extern "C"`` shim with pointers to CPU tensors, the arguments built by
-``seqgen_fast.kernels.diffusion_cuda.launch_args`` exactly as ``_step_cuda`` builds them. Outputs are
+``seqgen_fast.kernels.diffusion_cuda.plan`` and ``launch_args`` exactly as ``_step_cuda`` builds them. Outputs are
 poisoned with NaN first and compared with ``seqgen_fast.reference.diffusion.diffusion_step`` on
 the same coefficient table: 16-byte and element-wise paths (odd N, misaligned views), fp32/fp16/
 bf16, CFG (scalar and per-sample guidance), model_scale, clip and thresholding, timesteps of every
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from support.emulation import build
-from seqgen_fast._contract import NCOEF
-from seqgen_fast.kernels.diffusion_cuda import launch_args
+from seqgen_fast._contract import D0, DX, NCOEF
+from seqgen_fast.kernels.diffusion_cuda import ARGS, launch_args, plan
 from seqgen_fast.ops import diffusion as ops
 from seqgen_fast.reference import diffusion as ref
 
@@ -61,9 +61,9 @@ def step(tmp_path_factory):
             rng_offset=None, write_x0=False, misaligned_out=False):
         out, out_buf = _guarded(sample, misaligned_out)
         x0, x0_buf = _guarded(sample, misaligned_out) if write_x0 else (None, None)
-        kw = launch_args(sample, model_output, coef, key, timesteps, guidance, model_scale, threshold, noise,
-                        noise_mode, cfg, guidance_scale, x0_mode, clip_range, seed, offset, rng_offset, out, x0, 0,
-                        0)
+        p = plan(sample, coef, timesteps, noise, noise_mode, cfg, x0_mode, clip_range, device=0)
+        kw = dict(zip(ARGS, launch_args(p, sample, model_output, coef, key, timesteps, guidance, model_scale,
+                                        threshold, noise, guidance_scale, seed, offset, rng_offset, out, x0, 0)))
         assert kw.pop("device") == 0 and kw.pop("stream") == 0
         if h.emu_diffusion_step(*[kw[name] for name, _ in _ARGS]):
             raise RuntimeError(h.emu_error_message().decode())
@@ -90,8 +90,12 @@ def _guarded(like, misaligned, guard=16):
 
 
 def _coef(seed=0):
+    """A random table over the columns the CUDA kernel reads (0..7 and aux_x, aux_x0); the others zero."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(ROWS, NCOEF, generator=g) * 2.4 - 1.2).float()
+    coef = torch.zeros(ROWS, NCOEF)
+    used = list(range(8)) + [DX, D0]
+    coef[:, used] = (torch.rand(ROWS, len(used), generator=g) * 2.4 - 1.2).float()
+    return coef
 
 
 def _view(t, misaligned):
@@ -107,9 +111,12 @@ def _view(t, misaligned):
 
 def _reference(sample, model_output, coef, key, timesteps=None, guidance=None, model_scale=None, threshold=None,
                noise=None, noise_mode=0, cfg=False, guidance_scale=0.0, x0_mode=0, clip_range=1.0, seed=0, offset=0):
-    return ref.diffusion_step(sample, model_output, coef, key, timesteps, None, cfg, guidance_scale, guidance,
-                              model_scale, x0_mode, clip_range, threshold, None, False, noise, noise_mode, seed,
-                              offset, None, True)
+    B_ = sample.shape[0]
+    u, k = (model_output[:B_], model_output[B_:]) if cfg else (model_output, None)
+    out, aux, _, _ = ref.diffusion_step(sample, u, k, None, None, None, None, None, noise, coef, key, timesteps,
+                                        None, guidance_scale, guidance, model_scale, x0_mode, clip_range, threshold,
+                                        noise_mode, 0, seed, offset, None, sample.dtype, sample.dtype, None, None)
+    return out, aux
 
 
 def _check(got, want, dtype, what):
@@ -155,7 +162,8 @@ def test_emulated_step_matches_reference(step, N, dtype, cfg, per_g, scale, x0_m
         kw["noise_mode"] = 1
     if x0_mode == 2:
         pre = kw["noise"].float() if "noise" in kw else None
-        x0 = ops.predict_x0(sample, model_output, coef, key, kw.get("timesteps"), None, cfg, kw["guidance_scale"],
+        u, k = (model_output[:B], model_output[B:]) if cfg else (model_output, None)
+        x0 = ops.predict_x0(sample, u, k, coef, key, kw.get("timesteps"), None, kw["guidance_scale"],
                             kw.get("guidance"), kw.get("model_scale"), pre)
         kw["threshold"] = ops.threshold_scale(x0, 0.9, 2.5)
     want_out, want_x0 = _reference(sample, model_output, coef, key, **kw)

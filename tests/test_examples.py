@@ -1,6 +1,7 @@
 """The examples run end to end (tiny settings on the CPU; their default sizes on a GPU) and their
 seqgen_fast outputs agree with the plain-torch runs within each example's stated tolerance."""
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,3 +55,22 @@ def test_cpu_table_flags_a_difference_beyond_tolerance(capsys):
 def test_example_runs_on_gpu_at_default_size(name, capsys):
     assert load(name).main(["--device", "cuda", "--no-progress"]) == 0
     assert "outputs within tolerance" in capsys.readouterr().out
+
+
+TORCHRUN = {
+    "train_lstm_ddp": (["--steps", "4", "--hidden", "32", "--layers", "1", "--batch", "2", "--seq", "16"],
+                       "replicas in sync"),
+    "tp_generate": (["--tokens", "6", "--vocab", "97", "--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads",
+                     "2", "--ffn", "96", "--batch", "2", "--prompt", "9"], "tokens match the unsharded model"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHRUN))
+def test_multiprocess_example_runs_under_torchrun_on_gloo(name):
+    """The multi-GPU examples' CPU version: two gloo ranks on loopback, started by torchrun."""
+    args, verdict = TORCHRUN[name]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(EXAMPLES / f"{name}.py"), "--device", "cpu", *args],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert verdict in out.stdout

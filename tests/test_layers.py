@@ -3,6 +3,7 @@
 Every import of every module counts, those inside functions too. The layers, bottom up (DESIGN.md):
 
     0  _families _lazy _contract       data: the family manifest, lazy exports, contract constants
+       _debug                          the debug_checks() switch
     1  _ext                            the compiled extension, if built
     2  _backend                        backends, dispatch, capabilities
     3  reference kernels               ground truth; Triton kernels and _C launchers (never each other)
@@ -21,7 +22,7 @@ import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "seqgen_fast"
 LAYERS = {
-    "_families": 0, "_lazy": 0, "_contract": 0,
+    "_families": 0, "_lazy": 0, "_contract": 0, "_debug": 0,
     "_ext": 1,
     "_backend": 2,
     "reference": 3, "kernels": 3,

@@ -11,6 +11,7 @@ import seqgen_fast
 from seqgen_fast.checks import run_checks
 from seqgen_fast.functional import sample_tokens
 from seqgen_fast.kernels import sampling as kernel
+from seqgen_fast.ops.sampling import ERRORS
 from seqgen_fast.reference import sampling as reference
 from support.aot import compile_sm90, pointers
 
@@ -221,15 +222,35 @@ def test_minus_inf_logits_are_never_drawn(backend):
         assert (tokens % 2 == 1).all(), cfg
 
 
+NON_FINITE = [[0.0, math.nan, 1.0], [-math.inf, -math.inf, -math.inf], [1.0, math.inf, 0.0], [1.0, 3.0, 2.0]]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rows_without_a_distribution_give_minus_one(backend):
-    nan, inf = math.nan, math.inf
-    logits = torch.tensor([[0.0, nan, 1.0], [-inf, -inf, -inf], [1.0, inf, 0.0], [1.0, 3.0, 2.0]])
+def test_errors_mark_gives_minus_one_and_a_flag_per_row_without_a_distribution(backend):
+    logits = torch.tensor(NON_FINITE)
     for cfg in (dict(), dict(top_k=2), dict(top_p=0.5)):
-        tokens = draw(backend, logits, **cfg)
-        assert tokens[:3].tolist() == [-1, -1, -1], cfg
+        tokens, invalid = draw(backend, logits, errors="mark", **cfg)
+        assert tokens[:3].tolist() == [-1, -1, -1] and invalid.tolist() == [True, True, True, False], cfg
         assert 0 <= tokens[3] <= 2
-    assert draw(backend, logits, temperature=0).tolist() == [-1, 0, 1, 1]
+    tokens, invalid = draw(backend, logits, temperature=0, errors="mark")
+    assert tokens.tolist() == [-1, 0, 1, 1] and invalid.tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_errors_raise_follows_torch_argmax_and_multinomial(backend):
+    logits = torch.tensor(NON_FINITE)
+    assert torch.equal(draw(backend, logits, temperature=0), torch.argmax(logits, -1))  # NaN as the maximum
+    for row in range(3):
+        with pytest.raises(RuntimeError, match="probability tensor contains"):
+            torch.multinomial(torch.softmax(logits[row:row + 1], -1), 1)  # what torch does
+        with pytest.raises(RuntimeError, match="probability tensor contains.*first row 0"):
+            draw(backend, logits[row:row + 1])
+    assert 0 <= draw(backend, logits[3:]) <= 2
+
+
+def test_errors_must_be_raise_or_mark():
+    with pytest.raises(ValueError, match="errors must be 'raise' or 'mark'"):
+        sample_tokens(torch.randn(2, 5), errors="ignore")
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,18 +346,21 @@ def test_cpu_dispatch_goes_to_reference_unless_triton_is_forced():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    args = (torch.randn(3, 10), torch.tensor([3], dtype=torch.int64), 0.8, 3, 0.9, backend)
+    args = (torch.randn(3, 10), torch.tensor([3], dtype=torch.int64), 0.8, 3, 0.9, "raise", backend)
     with seqgen_fast.use_backend(backend):
         torch.library.opcheck(torch.ops.seqgen_fast.sample_tokens.default, args)
 
 
-def test_compiles_into_one_graph():
-    """torch.compile(fullgraph=True): the seed draw and the op trace without a graph break."""
+@pytest.mark.parametrize("errors", ERRORS)
+def test_compiles_into_one_graph(errors):
+    """torch.compile(fullgraph=True): the seed draw and the op trace without a graph break, with
+    either non-finite policy (its host check runs inside the opaque op)."""
     logits = torch.randn(4, 50)
-    sample = torch.compile(lambda x: sample_tokens(x, top_k=5, top_p=0.9), fullgraph=True)
+    sample = torch.compile(lambda x: sample_tokens(x, top_k=5, top_p=0.9, errors=errors), fullgraph=True)
     first, second = sample(logits), sample(logits)
     top5 = torch.topk(logits, 5).indices
-    for tokens in (first, second):
+    for out in (first, second):
+        tokens = out if errors == "raise" else out[0]
         assert tokens.shape == (4,) and (top5 == tokens[:, None]).any(-1).all()
 
 
@@ -424,7 +448,7 @@ def test_gpu_cuda_graph_replays_draw_fresh_tokens():
     sample_tokens(logits, top_k=50)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = sample_tokens(logits, top_k=50)
+        out, _ = sample_tokens(logits, top_k=50, errors="mark")
     graph.replay()
     first = out.clone()
     graph.replay()

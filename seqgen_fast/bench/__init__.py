@@ -14,8 +14,10 @@ is taken against. Every provider of a case is timed in the same run, on the same
 ``triton.testing.do_bench`` medians on CUDA, ``time.perf_counter`` medians on the CPU.
 
 One :class:`Row` per measurement (a single schema for JSON and CSV): op, provider, shape, dtype,
-device, median_us, the figure (TFLOP/s or TB/s) and ratio = anchor time / this provider's time
-(>1 means faster than the anchor), plus package version and git sha.
+device, median_us, the figure (TFLOP/s or TB/s), ratio = anchor time / this provider's time
+(>1 means faster than the anchor), on CUDA the peak memory one call allocates (``peak_mib``: for a
+training step the activations kept for backward, the gradients and the workspaces), plus package
+version and git sha.
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class Row:
     tbps: float | None = None
     us_per_step: float | None = None
     ratio_to_anchor: float | None = None
+    peak_mib: float | None = None
     anchor: str = ""
     note: str = ""
     version: str = ""
@@ -124,6 +127,16 @@ def time_us(fn: Callable[[], object], cuda_graph: bool = False, device: str = "c
     return 1000.0 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def peak_memory(fn: Callable[[], object], device: str = "cuda") -> int:
+    """Bytes one (warm) call of ``fn`` allocates at its peak beyond what was allocated before it."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
 def _device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run: not a GPU measurement)"
 
@@ -139,10 +152,13 @@ def run_case(case: Case, version: str, sha: str) -> list[Row]:
         return [Row(case.family, case.op, "ours", case.shape, dtype, device, None, anchor=case.anchor,
                     note=f"setup failed: {type(exc).__name__}: {str(exc)[:200]}", version=version, git_sha=sha)]
     times: dict[str, float | None] = {}
+    peaks: dict[str, float] = {}
     notes: dict[str, str] = {}
     for provider, fn in fns.items():
         try:
             times[provider] = time_us(fn, case.cuda_graph and case.device == "cuda", case.device)
+            if case.device == "cuda":
+                peaks[provider] = peak_memory(fn) / 2**20
         except Exception as exc:  # a provider that cannot run this shape is a row with a note
             times[provider], notes[provider] = None, f"{type(exc).__name__}: {str(exc)[:200]}"
         if case.device == "cuda":
@@ -151,7 +167,7 @@ def run_case(case: Case, version: str, sha: str) -> list[Row]:
     rows = []
     for provider, us in times.items():
         row = Row(case.family, case.op, provider, case.shape, dtype, device, us, anchor=case.anchor,
-                  note=notes.get(provider, ""), version=version, git_sha=sha)
+                  peak_mib=peaks.get(provider), note=notes.get(provider, ""), version=version, git_sha=sha)
         if us:
             row.tflops = case.flops / us / 1e6 if case.flops else None
             row.tbps = case.bytes / us / 1e6 if case.bytes else None
@@ -174,15 +190,17 @@ def write_rows(rows: list[Row], json_path: str | None = None, csv_path: str | No
 
 def format_table(rows: list[Row]) -> str:
     """Plain-text table: one line per row, ours first within each case."""
-    head = f"{'op':34} {'provider':14} {'shape':26} {'dtype':9} {'us':>10} {'figure':>14} {'vs anchor':>10}"
+    head = (f"{'op':34} {'provider':14} {'shape':26} {'dtype':9} {'us':>10} {'figure':>14} {'vs anchor':>10} "
+            f"{'peak MiB':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         fig = (f"{r.tflops:.1f} TFLOP/s" if r.tflops else f"{r.tbps:.3f} TB/s" if r.tbps else
                f"{r.us_per_step:.2f} us/step" if r.us_per_step else "")
         us = f"{r.median_us:.1f}" if r.median_us else "n/a"
         ratio = f"{r.ratio_to_anchor:.2f}x" if r.ratio_to_anchor else ""
-        lines.append(f"{r.op[:34]:34} {r.provider[:14]:14} {r.shape[:26]:26} {r.dtype:9} {us:>10} {fig:>14} {ratio:>10}"
-                     + (f"  ({r.note})" if r.note else ""))
+        peak = f"{r.peak_mib:.1f}" if r.peak_mib is not None else ""
+        lines.append(f"{r.op[:34]:34} {r.provider[:14]:14} {r.shape[:26]:26} {r.dtype:9} {us:>10} {fig:>14} {ratio:>10} "
+                     f"{peak:>9}" + (f"  ({r.note})" if r.note else ""))
     return "\n".join(lines)
 
 
@@ -216,5 +234,5 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["Case", "Row", "MODES", "all_cases", "run_case", "time_us", "write_rows", "format_table", "plot",
-           "git_sha"]
+__all__ = ["Case", "Row", "MODES", "all_cases", "run_case", "time_us", "peak_memory", "write_rows", "format_table",
+           "plot", "git_sha"]

@@ -1,66 +1,67 @@
-"""Which diffusers schedulers ``fast_scheduler`` steps, with which options, and diffusers' noise draw.
+"""Which diffusers schedulers ``fast_scheduler`` steps, and diffusers' noise draw.
 
 This is data about diffusers' classes; nothing here imports diffusers (the user's scheduler object
-brings its classes along). A scheduler maps to a step *kind* by its class name;
-:func:`validate` raises ``NotImplementedError`` naming the first configuration option whose value
-the fused kernels do not reproduce (never a silent difference from diffusers).
+brings its classes along). A scheduler class maps to a step *kind* through the first class of its
+MRO that is one of diffusers' own supported classes (so subclasses are accepted); a subclass that
+overrides the step's math (``step`` or a helper it calls) is refused, naming the method, since the
+fused kernels reproduce diffusers' math only.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 
-# class name -> (step kind, name of the output dataclass in the scheduler's module)
+
+@dataclass(frozen=True)
+class Kind:
+    name: str          # the step kind
+    output: str        # the output dataclass in the scheduler's module
+    aux: str | None    # the output field of the step's second result (pred_original_sample, denoised)
+    math: tuple[str, ...] = ()  # methods whose override changes the math (besides step)
+
+
 KINDS = {
-    "DDPMScheduler": ("ddpm", "DDPMSchedulerOutput"),
-    "DDIMScheduler": ("ddim", "DDIMSchedulerOutput"),
-    "EulerDiscreteScheduler": ("euler", "EulerDiscreteSchedulerOutput"),
-    "EulerAncestralDiscreteScheduler": ("euler_ancestral", "EulerAncestralDiscreteSchedulerOutput"),
-    "DPMSolverMultistepScheduler": ("dpmsolver++", "SchedulerOutput"),
-}
-
-# kind -> {option: allowed values}
-_ALLOWED = {
-    "ddpm": {"prediction_type": ("epsilon", "sample", "v_prediction"),
-             "variance_type": ("fixed_small", "fixed_small_log", "fixed_large")},
-    "ddim": {"prediction_type": ("epsilon", "sample", "v_prediction")},
-    "euler": {"prediction_type": ("epsilon", "sample", "original_sample", "v_prediction")},
-    "euler_ancestral": {"prediction_type": ("epsilon", "v_prediction")},
-    "dpmsolver++": {"prediction_type": ("epsilon", "sample", "v_prediction"),
-                    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
-                    "solver_order": (1, 2),
-                    "solver_type": ("midpoint", "heun"),
-                    "variance_type": (None,),
-                    "use_flow_sigmas": (False,)},
+    "DDPMScheduler": Kind("ddpm", "DDPMSchedulerOutput", "pred_original_sample",
+                          ("_get_variance", "_threshold_sample", "previous_timestep")),
+    "DDIMScheduler": Kind("ddim", "DDIMSchedulerOutput", "pred_original_sample", ("_get_variance", "_threshold_sample")),
+    "EulerDiscreteScheduler": Kind("euler", "EulerDiscreteSchedulerOutput", "pred_original_sample"),
+    "EulerAncestralDiscreteScheduler": Kind("euler_ancestral", "EulerAncestralDiscreteSchedulerOutput",
+                                            "pred_original_sample"),
+    "DPMSolverMultistepScheduler": Kind("dpm", "SchedulerOutput", None, (
+        "convert_model_output", "dpm_solver_first_order_update", "multistep_dpm_solver_second_order_update",
+        "multistep_dpm_solver_third_order_update", "_sigma_to_alpha_sigma_t", "_threshold_sample")),
+    "UniPCMultistepScheduler": Kind("unipc", "SchedulerOutput", None, (
+        "convert_model_output", "multistep_uni_p_bh_update", "multistep_uni_c_bh_update", "_sigma_to_alpha_sigma_t",
+        "_threshold_sample")),
+    "LCMScheduler": Kind("lcm", "LCMSchedulerOutput", "denoised",
+                         ("get_scalings_for_boundary_condition_discrete", "_threshold_sample")),
+    "FlowMatchEulerDiscreteScheduler": Kind("flow", "FlowMatchEulerDiscreteSchedulerOutput", None),
 }
 
 
-def step_kind(scheduler) -> str:
-    """The step kind of a diffusers scheduler instance, or TypeError naming the class."""
-    name = type(scheduler).__name__
-    if name not in KINDS:
-        raise TypeError(f"fast_scheduler: scheduler {name} is not supported by seqgen_fast.diffusion; "
-                        f"supported: {', '.join(KINDS)}")
-    return KINDS[name][0]
+def base_class(cls: type) -> type:
+    """The diffusers class of ``KINDS`` that ``cls`` is (or derives from); TypeError naming ``cls`` otherwise,
+    or naming the overridden method when a subclass changes the step's math."""
+    base = next((c for c in cls.__mro__ if c.__name__ in KINDS and c.__module__.startswith("diffusers.")), None)
+    if base is None:
+        raise TypeError(f"fast_scheduler: scheduler {cls.__name__} is not supported by seqgen_fast.diffusion; "
+                        f"supported: {', '.join(KINDS)} and their subclasses")
+    for name in ("step",) + KINDS[base.__name__].math:
+        if getattr(cls, name, None) is not getattr(base, name, None):
+            raise TypeError(f"fast_scheduler: {cls.__name__} overrides {base.__name__}.{name}; the fused step "
+                            "reproduces diffusers' own math only")
+    return base
 
 
-def output_class(scheduler):
-    """The diffusers output dataclass that ``scheduler.step`` returns (from the scheduler's own module)."""
-    return getattr(sys.modules[type(scheduler).__module__], KINDS[type(scheduler).__name__][1])
+def kind_of(base: type) -> Kind:
+    return KINDS[base.__name__]
 
 
-def validate(scheduler) -> str:
-    """Raise ``NotImplementedError`` naming the unsupported option of ``scheduler``'s config; return its kind."""
-    kind = step_kind(scheduler)
-    cfg = scheduler.config
-    for option, allowed in _ALLOWED[kind].items():
-        value = cfg.get(option, allowed[0])
-        if value not in allowed:
-            raise NotImplementedError(
-                f"{type(scheduler).__name__}({option}={value!r}) is not supported by seqgen_fast.diffusion: "
-                f"option {option} (supported values: {', '.join(map(repr, allowed))})")
-    return kind
+def output_class(base: type):
+    """The diffusers output dataclass that ``base.step`` returns (from the scheduler's own module)."""
+    return getattr(sys.modules[base.__module__], KINDS[base.__name__].output)
 
 
 def randn_like_diffusers(shape, generator, device, dtype) -> torch.Tensor:
@@ -79,3 +80,27 @@ def randn_like_diffusers(shape, generator, device, dtype) -> torch.Tensor:
     per = (1, *tuple(shape)[1:])
     return torch.cat([torch.randn(per, generator=gens[b], device=rand_device, dtype=dtype)
                       for b in range(shape[0])]).to(device)
+
+
+GENERATOR_STREAM = 1 << 63  # the offset bit of streams keyed by a caller's CUDA generator
+
+
+def cuda_normal_increment(numel: int, device: torch.device) -> int:
+    """How far ``torch.randn`` of ``numel`` float32 elements advances a CUDA generator's Philox offset
+    (ATen's ``calc_execution_policy``: 256-thread blocks, at most one wave of them, 4 normals per
+    curand call and 4 engine calls)."""
+    if numel <= 0:
+        return 0
+    props = torch.cuda.get_device_properties(device)
+    block = 256
+    grid = min(props.multi_processor_count * (props.max_threads_per_multi_processor // block), -(-numel // block))
+    return ((numel - 1) // (block * grid * 4) + 1) * 4
+
+
+def generator_key(generator: torch.Generator, numel: int) -> tuple[int, int]:
+    """(seed, offset) of an in-kernel Philox stream keyed by a CUDA ``generator``'s state, advancing the
+    generator as a draw of ``numel`` normals would: the same state gives the same noise, another
+    state other noise, and the generator moves on."""
+    seed, offset = generator.initial_seed(), generator.get_offset()
+    generator.set_offset(offset + cuda_normal_increment(numel, generator.device))
+    return seed, GENERATOR_STREAM | offset

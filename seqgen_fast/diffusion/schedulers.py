@@ -1,521 +1,741 @@
-"""``fast_scheduler(scheduler)``: a diffusers scheduler that steps with the fused kernels.
+"""``fast_scheduler(scheduler)``: the same diffusers scheduler, stepping with the fused kernels.
 
-The wrapper holds the diffusers scheduler and delegates everything that is not a step to it
-(``config``, ``timesteps``, ``sigmas``, ``init_noise_sigma``, ``add_noise``, ``set_begin_index``,
-``step_index``, ``scale_model_input``...), so ``set_timesteps`` and the step-index bookkeeping are
-diffusers' own. After each ``set_timesteps`` it precomputes, in float64 on the host and once, the
-step's coefficient table (see ``seqgen_fast.reference.diffusion`` for the row layout) and moves it
-to the device:
+``fast_scheduler(s)`` returns an instance of a subclass of ``type(s)`` made at run time
+(:func:`fast_class`; no diffusers import needed): it has the same class name, module, config,
+``from_config``/``save_pretrained``/``from_pretrained`` and ``compatibles``, and it *shares* ``s``'s
+attribute dictionary, so every attribute read and write (``_step_index``, ``lower_order_nums``,
+``model_outputs``, ``timesteps``...) reaches the state diffusers' own methods use. Only ``step`` is
+replaced: it has the wrapped ``step``'s exact signature plus the keyword-only extras
+``guidance_scale`` and ``guidance_rescale`` (and ``variance_noise`` where the wrapped step has none),
+and runs one fused kernel (two more small passes with dynamic thresholding or guidance rescale).
+The fused subclass can also be constructed directly (``fast_class(DDIMScheduler)(**config)``).
 
-* DDPM, DDIM: one row per integer timestep t in [0, num_train_timesteps) (DDPM rows of timesteps
-  outside the set schedule are NaN, as diffusers' ``previous_timestep`` cannot find them);
-* Euler, Euler ancestral, DPM-Solver++: one row per step index of the schedule; a (B,) timestep
-  tensor is looked up in the schedule's timesteps on the device (exact equality).
+The coefficient tables (``seqgen_fast.diffusion.tables``) are computed in float64 on the host from
+the scheduler's schedule the first time a step needs them and cached on the device until the
+schedule objects change (``set_timesteps``, a new ``alphas_cumprod``...). ``timestep`` may be a
+(B,) tensor: each sample steps at its own timestep (DDPM/DDIM/LCM-style: the row of that timestep;
+sigma schedules: the position of that timestep in ``timesteps``), and the step-index counter is
+left alone. State updates (step index, solver history, ``lower_order_nums``, UniPC's
+``last_sample``/``this_order``/``timestep_list``) are diffusers' own, in diffusers' attributes.
 
-A step is one kernel launch (two more small passes with dynamic thresholding or guidance
-rescale): no host sync when the timestep is a device tensor or the step index is known. The
-DPM-Solver++ history (the previous step's x0) lives in a preallocated buffer, one per sample.
+Noise: ``variance_noise=`` is used as given. A ``generator`` decides the noise: on the CPU (or for
+CPU samples) it is drawn exactly as diffusers draws it (same values, the generator advanced alike);
+a CUDA generator keys an in-kernel Philox stream from its (seed, offset) and is advanced as a draw
+of that size advances it. Otherwise the noise is drawn in the kernel from (seed, offset), the seed
+fixed at construction (``seed=``) and the offset advanced by one each noisy step: reproducible per
+backend (the Triton, CUDA and reference streams differ) and per memory layout.
 
-Noise: ``variance_noise=`` is used as given; with ``generator=`` it is drawn exactly as diffusers
-draws it (so results match diffusers with the same generator); otherwise it is drawn in the
-kernel from (seed, offset), the seed fixed at construction (``seed=``) and the offset advanced by
-one each noisy step: reproducible per backend (the Triton, CUDA and reference streams differ).
+A call the fused step does not take (a UniPC ``solver_p``, flow matching's ``per_token_timesteps``,
+a combination diffusers itself rejects...) runs diffusers' own ``step`` with the same arguments
+(guidance applied first), so its result and its errors are diffusers'; the reason is logged at
+debug level on the ``seqgen_fast.diffusion`` logger.
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import logging
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import configs
-from .._contract import A0, AH, AM, AN, AX, CPN, NCOEF, X0M, X0X
+from .. import _contract as C
+from ..ops import diffusion as ops
+from . import configs, tables
 
-_EXTRA = ("guidance_scale", "guidance_rescale", "variance_noise")
-
-
-def _np(t) -> np.ndarray:
-    return np.asarray(torch.as_tensor(t).detach().cpu().to(torch.float64).numpy(), dtype=np.float64)
+log = logging.getLogger("seqgen_fast.diffusion")
 
 
-def _x0_coefs(pred: str, alpha, sigma, rows: np.ndarray) -> None:
-    """x0 = x0_x * x + x0_m * m for prediction type ``pred`` (x = alpha x0 + sigma eps)."""
-    if pred == "epsilon":
-        rows[:, X0X], rows[:, X0M] = 1.0 / alpha, -sigma / alpha
-    elif pred in ("sample", "original_sample"):
-        rows[:, X0X], rows[:, X0M] = 0.0, 1.0
-    else:  # v_prediction
-        rows[:, X0X], rows[:, X0M] = alpha, -sigma
-
-
-def ddpm_table(s) -> np.ndarray:
-    """DDPM rows per timestep t: diffusers' DDPMScheduler.step (formulas (7), (15) of Ho et al.)."""
-    cfg = s.config
-    T = cfg.num_train_timesteps
-    acp = _np(s.alphas_cumprod)
-    rows = np.full((T, NCOEF), np.nan)
-    t = np.arange(T)
-    if s.custom_timesteps or s.num_inference_steps:
-        sched = _np(s.timesteps).astype(np.int64)
-        prev = np.full(T, -2)
-        prev[sched] = np.append(sched[1:], -1)
-    else:
-        prev = t - 1
-    ok = prev > -2
-    t, prev = t[ok], prev[ok]
-    ab = acp[t]
-    abp = np.where(prev >= 0, acp[np.maximum(prev, 0)], 1.0)
-    beta = 1.0 - ab / abp
-    r = np.zeros((len(t), NCOEF))
-    _x0_coefs(cfg.prediction_type, np.sqrt(ab), np.sqrt(1.0 - ab), r)
-    r[:, A0] = np.sqrt(abp) * beta / (1.0 - ab)
-    r[:, AX] = np.sqrt(ab / abp) * (1.0 - abp) / (1.0 - ab)
-    var = np.maximum((1.0 - abp) / (1.0 - ab) * beta, 1e-20)
-    std = np.sqrt(beta) if cfg.variance_type == "fixed_large" else np.sqrt(var)
-    r[:, AN] = np.where(t > 0, std, 0.0)
-    rows[t] = r
-    return rows
-
-
-def ddim_table(s, eta: float, use_clipped_model_output: bool) -> np.ndarray:
-    """DDIM rows per timestep t: diffusers' DDIMScheduler.step (formulas (12), (16) of Song et al.)."""
-    cfg = s.config
-    T = cfg.num_train_timesteps
-    acp = _np(s.alphas_cumprod)
-    t = np.arange(T)
-    prev = t - T // s.num_inference_steps
-    ab = acp
-    abp = np.where(prev >= 0, acp[np.maximum(prev, 0)], float(s.final_alpha_cumprod))
-    alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
-    rows = np.zeros((T, NCOEF))
-    _x0_coefs(cfg.prediction_type, alpha, sigma, rows)
-    std = eta * np.sqrt((1.0 - abp) / (1.0 - ab) * (1.0 - ab / abp))
-    with np.errstate(invalid="ignore"):
-        direction = np.sqrt(1.0 - abp - std**2)
-    rows[:, A0] = np.sqrt(abp)
-    if use_clipped_model_output:          # eps = (x - alpha x0c) / sigma
-        rows[:, AX] = direction / sigma
-        rows[:, A0] += -direction * alpha / sigma
-    elif cfg.prediction_type == "epsilon":  # eps = m
-        rows[:, AM] = direction
-    elif cfg.prediction_type == "sample":   # eps = (x - alpha m) / sigma
-        rows[:, AX] = direction / sigma
-        rows[:, AM] = -direction * alpha / sigma
-    else:                                   # v: eps = alpha m + sigma x
-        rows[:, AX] = direction * sigma
-        rows[:, AM] = direction * alpha
-    rows[:, AN] = std
-    return rows
-
-
-def euler_table(s, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> np.ndarray:
-    """Euler rows per step index k: diffusers' EulerDiscreteScheduler.step (Karras et al. Alg. 2)."""
-    sig = _np(s.sigmas)
-    n = len(sig) - 1
-    sigma, nxt = sig[:n], sig[1:]
-    gamma = np.where((s_tmin <= sigma) & (sigma <= s_tmax), min(s_churn / (len(sig) - 1), 2**0.5 - 1), 0.0)
-    sh = sigma * (gamma + 1.0)
-    rows = np.zeros((n, NCOEF))
-    rows[:, CPN] = np.where(gamma > 0, s_noise * np.sqrt(np.maximum(sh**2 - sigma**2, 0.0)), 0.0)
-    pred = s.config.prediction_type
-    if pred == "epsilon":
-        rows[:, X0X], rows[:, X0M] = 1.0, -sh
-    elif pred in ("sample", "original_sample"):
-        rows[:, X0X], rows[:, X0M] = 0.0, 1.0
-    else:
-        rows[:, X0X], rows[:, X0M] = 1.0 / (sigma**2 + 1.0), -sigma / np.sqrt(sigma**2 + 1.0)
-    dt = nxt - sh
-    rows[:, AX] = 1.0 + dt / sh
-    rows[:, A0] = -dt / sh
-    return rows
-
-
-def euler_ancestral_table(s) -> np.ndarray:
-    """Euler ancestral rows per step index k: diffusers' EulerAncestralDiscreteScheduler.step."""
-    sig = _np(s.sigmas)
-    n = len(sig) - 1
-    sf, st = sig[:n], sig[1:]
-    up = np.sqrt(st**2 * (sf**2 - st**2) / sf**2)
-    down = np.sqrt(np.maximum(st**2 - up**2, 0.0))
-    rows = np.zeros((n, NCOEF))
-    if s.config.prediction_type == "epsilon":
-        rows[:, X0X], rows[:, X0M] = 1.0, -sf
-    else:
-        rows[:, X0X], rows[:, X0M] = 1.0 / (sf**2 + 1.0), -sf / np.sqrt(sf**2 + 1.0)
-    dt = down - sf
-    rows[:, AX] = 1.0 + dt / sf
-    rows[:, A0] = -dt / sf
-    rows[:, AN] = up
-    return rows
-
-
-def dpm_tables(s) -> tuple[np.ndarray, np.ndarray]:
-    """DPM-Solver++ rows per step index k: (first order everywhere, diffusers' order rule).
-
-    diffusers' order rule for a run from index 0: first order at k = 0 and at the final step when
-    ``euler_at_final``, ``lower_order_final`` with fewer than 15 steps, or ``final_sigmas_type ==
-    'zero'``; second order elsewhere (solver_order 2). Second order (D0 = x0_k, D1 = (x0_k - h)/r0)
-    is written as x0 * (c0 + c1 / r0) - h * c1 / r0.
-    """
-    cfg = s.config
-    sig = _np(s.sigmas)
-    n = len(s.timesteps)
-    alpha = 1.0 / np.sqrt(sig**2 + 1.0)
-    sigma = sig * alpha
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lam = np.log(alpha) - np.log(sigma)
-        k = np.arange(n)
-        h = lam[k + 1] - lam[k]
-        sde = cfg.algorithm_type == "sde-dpmsolver++"
-        first = np.zeros((n, NCOEF))
-        _x0_coefs(cfg.prediction_type, alpha[k], sigma[k], first)
-        a_t, s_t, s_s = alpha[k + 1], sigma[k + 1], sigma[k]
-        if sde:
-            first[:, AX] = s_t / s_s * np.exp(-h)
-            c0 = a_t * (1.0 - np.exp(-2.0 * h))
-            first[:, AN] = s_t * np.sqrt(1.0 - np.exp(-2.0 * h))
-        else:
-            first[:, AX] = s_t / s_s
-            c0 = -a_t * (np.exp(-h) - 1.0)
-        first[:, A0] = c0
-        second = first.copy()
-        h0 = np.concatenate([[np.nan], lam[k[1:]] - lam[k[1:] - 1]])
-        r0 = h0 / h
-        if cfg.solver_type == "midpoint":
-            c1 = 0.5 * c0
-        elif sde:
-            c1 = a_t * ((1.0 - np.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
-        else:
-            c1 = a_t * ((np.exp(-h) - 1.0) / h + 1.0)
-        second[:, A0] = c0 + c1 / r0
-        second[:, AH] = -c1 / r0
-    final_first = cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
-    use_first = (k == 0) | ((k == n - 1) & final_first) | (cfg.solver_order == 1)
-    seq = np.where(use_first[:, None], first, second)
-    return first, seq
+class Unfused(Exception):
+    """This call is left to diffusers' own step (the message says why)."""
 
 
 @dataclass
-class _Tables:
-    rows: np.ndarray                         # (rows, NCOEF) float64 on the host
-    coef: torch.Tensor                       # (rows, NCOEF) float32 on the device
-    schedule: torch.Tensor | None            # (n,) float32 schedule timesteps for device lookup (indexed kinds)
+class _Table:
+    rows: np.ndarray                       # (rows, NCOEF) float64 on the host
+    coef: torch.Tensor                     # (rows, NCOEF) float32 on the device
+    schedule: torch.Tensor | None = None   # (n,) float32 schedule timesteps for device lookups
+
+
+@dataclass
+class _State:
+    """seqgen_fast's own per-wrapper state (never in the shared diffusers attributes)."""
+
+    seed: int
+    write_x0: bool = True
+    backend: str | None = None
+    offset: int = 0
+    rng_offset: torch.Tensor | None = None   # device-side offset added to ``offset`` (graph capture)
+    tables: dict = field(default_factory=dict)
+    source: tuple = (None,) * 9        # the schedule objects the tables were computed from (FastScheduler._source)
+    source_ids: tuple = ()
+    graphs: dict = field(default_factory=dict)  # sampling.sample's captured loops
+
+
+def _new_seed() -> int:
+    """A fresh stream seed from the OS (never from torch's generators: that would move the caller's draws)."""
+    return int.from_bytes(os.urandom(8), "little") >> 2
+
+
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if a is b else torch.promote_types(a, b)
 
 
 class FastScheduler:
-    """A diffusers scheduler whose ``step`` runs the fused kernel (see the module docstring).
+    """The mixin of every fused scheduler class: ``fast_class(cls)`` is ``(FastScheduler, cls)``."""
 
-    ``step(model_output, timestep, sample, *diffusers_args, guidance_scale=None,
-    guidance_rescale=0.0, variance_noise=None, **diffusers_kwargs)`` takes the diffusers
-    arguments of the wrapped class, plus:
+    __slots__ = ()
+    _base: type = None        # the diffusers class the step reproduces
+    _kind: configs.Kind = None
+    _params: tuple = ()       # the wrapped step's parameter names after ``self``
+    _output: type = None      # the output dataclass of the wrapped step
+    _fused = None             # the fused step of the kind (``_STEPS``)
 
-    * ``timestep`` a (B,) tensor: each sample steps at its own timestep (DDPM/DDIM: the row of that
-      timestep; Euler/DPM: the position of that timestep in ``timesteps``; the step-index counter
-      is then left alone; DPM-Solver++ reads each sample's history buffer as the x0 of that
-      sample's previous step, and the first step after ``set_timesteps`` is first order for all);
-    * ``guidance_scale`` (float or (B,) tensor): ``model_output`` is the (2B, ...) batch
-      [unconditional; conditional] and guidance is fused; ``guidance_rescale`` as diffusers'
-      ``rescale_noise_cfg`` (one extra reduction pass).
+    # -- seqgen_fast's own options -------------------------------------------------------------
+    @property
+    def _sf(self) -> _State:
+        try:
+            return object.__getattribute__(self, "_sf_state")
+        except AttributeError:
+            state = _State(seed=_new_seed())
+            object.__setattr__(self, "_sf_state", state)
+            return state
 
-    ``pred_original_sample=False`` at construction skips writing x0 (the output field is then None).
-    """
+    seed = property(lambda self: self._sf.seed, lambda self, v: setattr(self._sf, "seed", int(v)),
+                    doc="The seed of the in-kernel noise stream.")
+    offset = property(lambda self: self._sf.offset, lambda self, v: setattr(self._sf, "offset", int(v)),
+                      doc="The offset of the next in-kernel noise draw (advances by one per noisy step).")
+    backend = property(lambda self: self._sf.backend, lambda self, v: setattr(self._sf, "backend", v),
+                       doc="The forced backend (None: automatic dispatch).")
 
-    def __init__(self, scheduler, *, seed: int | None = None, pred_original_sample: bool = True,
-                 backend: str | None = None):
-        self.kind = configs.validate(scheduler)
-        self.scheduler = scheduler
-        self.write_x0 = pred_original_sample
-        self.backend = backend
-        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
-        self.offset = 0
-        self._rng_offset: torch.Tensor | None = None  # device-side offset added to self.offset (graph capture)
-        self._output_cls = configs.output_class(scheduler)
-        params = list(inspect.signature(type(scheduler).step).parameters.values())[1:]
-        self._step_params = [p.name for p in params]
-        self._step_defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-        self._tables: dict[tuple, _Tables] = {}
-        self._history: torch.Tensor | None = None
-        self._host_schedule: np.ndarray | None = None
-        self._graphs: dict = {}   # sampling.sample's captured loops
-        self._name = type(scheduler).__name__
-        cfg = scheduler.config
-        # the x0 clip of the step: 2 dynamic thresholding, 1 clip_sample, 0 none (config is frozen)
-        self._x0_mode = 2 if cfg.get("thresholding", False) else (1 if cfg.get("clip_sample", False) else 0)
-        self._x0_args = dict(clip_range=float(cfg.get("clip_sample_range", 1.0)),
-                             threshold_ratio=float(cfg.get("dynamic_thresholding_ratio", 0.995)),
-                             threshold_max=float(cfg.get("sample_max_value", 1.0)))
-        self._reset()
-
-    # -- delegation -------------------------------------------------------------------------
-    def __getattr__(self, name):
-        if name == "scheduler":
-            raise AttributeError(name)
-        return getattr(self.scheduler, name)
-
-    def __len__(self) -> int:
-        return len(self.scheduler)
-
-    def set_timesteps(self, *args, **kwargs):
-        """diffusers' ``set_timesteps``; the coefficient tables are rebuilt (lazily, on the first step's device)."""
-        out = self.scheduler.set_timesteps(*args, **kwargs)
-        self._reset()
-        return out
+    def __reduce_ex__(self, protocol):
+        sf = self._sf
+        return _rebuild, (type(self).__mro__[2], self.__dict__, (sf.seed, sf.write_x0, sf.backend, sf.offset))
 
     def rewind(self) -> None:
         """Back to the first step of the current schedule (step index 0, no solver history), keeping the tables."""
-        s = self.scheduler
-        if hasattr(s, "set_begin_index"):
-            s.set_begin_index(0)
-            s._step_index = None
-        if self.kind == "dpmsolver++":
-            s.lower_order_nums = 0
+        if hasattr(self, "set_begin_index"):
+            self.set_begin_index(0)
+            self._step_index = None
+        order = self.config.get("solver_order")
+        if self._kind.name in ("dpm", "unipc"):
+            self.lower_order_nums = 0
+            self.model_outputs = [None] * order
+        if self._kind.name == "unipc":
+            self.timestep_list = [None] * order
+            self.last_sample = None
 
     def _keep_alive(self) -> list[torch.Tensor]:
-        """The device buffers a captured graph reads (tables, history)."""
-        bufs = [t.coef for t in self._tables.values()]
-        bufs += [t.schedule for t in self._tables.values() if t.schedule is not None]
-        return bufs + ([self._history] if self._history is not None else [])
+        """The device buffers a captured graph reads (tables, geometry)."""
+        out = [t.coef for t in self._sf.tables.values()]
+        return out + [t.schedule for t in self._sf.tables.values() if t.schedule is not None]
 
-    def _reset(self) -> None:
-        self._tables.clear()
-        self._history = None
-        self._host_schedule = _np(self.scheduler.timesteps)
-        s = self.scheduler
-        # DDPM steps only to timesteps of the set schedule (diffusers' previous_timestep), or any t without one
-        ddpm_any = self.kind == "ddpm" and not (s.custom_timesteps or s.num_inference_steps)
-        T = s.config.num_train_timesteps
-        self._host_set = frozenset() if self.kind != "ddpm" else frozenset(
-            range(T) if ddpm_any else self._host_schedule.astype(np.int64).tolist())
+    # -- tables ---------------------------------------------------------------------------------
+    def _source(self) -> tuple:
+        """The schedule objects the tables are computed from (compared by identity), and UniPC's
+        ``disable_corrector`` (a list: compared by value)."""
+        d = self.__dict__
+        return (d.get("timesteps"), d.get("sigmas"), d.get("alphas_cumprod"), d.get("num_inference_steps"),
+                d.get("custom_timesteps"), d.get("variance_type"), d.get("_internal_dict"),
+                d.get("final_alpha_cumprod"), tuple(d.get("disable_corrector") or ()))
 
-    # -- tables -----------------------------------------------------------------------------
-    def _table(self, device: torch.device, opts: dict, first_order: bool = False) -> _Tables:
-        k = self.kind
-        if k == "ddpm":
-            key = (k,)
-        elif k == "ddim":
-            key = (k, float(opts["eta"]), bool(opts["use_clipped_model_output"]))
-        elif k == "euler":
-            key = (k, float(opts["s_churn"]), float(opts["s_tmin"]), float(opts["s_tmax"]), float(opts["s_noise"]))
-        else:
-            key = (k, first_order)
-        key = key + (str(device),)
-        if key not in self._tables:
-            s = self.scheduler
-            if k in ("ddim", "euler", "euler_ancestral", "dpmsolver++") and s.num_inference_steps is None:
-                raise ValueError(f"{type(s).__name__}: call set_timesteps before step (num_inference_steps is None)")
-            if k == "ddpm":
-                rows = ddpm_table(s)
-            elif k == "ddim":
-                rows = ddim_table(s, key[1], key[2])
-            elif k == "euler":
-                rows = euler_table(s, *key[1:5])
-            elif k == "euler_ancestral":
-                rows = euler_ancestral_table(s)
-            else:
-                rows = dpm_tables(s)[0 if first_order else 1]
+    def _table(self, key: tuple, device: torch.device, build, schedule: bool = False) -> _Table:
+        sf = self._sf
+        src = self._source()
+        # identities: sf.source holds the previous objects, so their ids cannot have been reused
+        if tuple(map(id, src[:-1])) != sf.source_ids or src[-1] != sf.source[-1]:
+            sf.tables.clear()
+            sf.source, sf.source_ids = src, tuple(map(id, src[:-1]))
+        tab = sf.tables.get((key, device))
+        if tab is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{type(self).__name__}.step: a coefficient table is built inside a CUDA-graph "
+                                   "capture; run the loop once eagerly first (seqgen_fast.diffusion.sample does)")
+            rows = build()
             sched = None
-            if k in ("euler", "euler_ancestral", "dpmsolver++"):
-                sched = torch.as_tensor(self._host_schedule, dtype=torch.float32).to(device)
-            self._tables[key] = _Tables(rows, torch.as_tensor(rows, dtype=torch.float32).to(device), sched)
-        return self._tables[key]
+            if schedule:
+                sched = torch.as_tensor(tables.host(self.timesteps), dtype=torch.float32).to(device)
+            tab = sf.tables[(key, device)] = _Table(rows, torch.as_tensor(rows, dtype=torch.float32).to(device), sched)
+        return tab
 
-    # -- argument handling ------------------------------------------------------------------
-    def _bind(self, model_output, timestep, sample, args, kwargs) -> dict:
-        """The wrapped class's step arguments by name, defaults filled in (inspect.Signature.bind, faster)."""
-        name = self._name
-        names = self._step_params
-        if len(args) > len(names) - 3:
-            raise TypeError(f"{name}.step: takes {len(names)} arguments, got {len(args) + 3}")
-        opts = dict(self._step_defaults)
-        opts.update(zip(names[3:], args))
-        for k, v in kwargs.items():
-            if k not in self._step_defaults:
-                raise TypeError(f"{name}.step: unexpected keyword argument {k!r}")
-            if k in names[3:3 + len(args)]:
-                raise TypeError(f"{name}.step: got multiple values for argument {k!r}")
-            opts[k] = v
-        opts[names[0]], opts[names[1]], opts[names[2]] = model_output, timestep, sample
-        return opts
+    # -- the step --------------------------------------------------------------------------------
+    def _fused_step(self, opts: dict, guidance_scale, guidance_rescale, variance_noise):
+        """The step: ``opts`` are the wrapped step's arguments by name (bound by the generated ``step``)."""
+        call = _Call(self, opts, guidance_scale, guidance_rescale, variance_noise)
+        try:
+            return self._fused(self, call)
+        except Unfused as why:
+            log.debug("%s.step runs diffusers' own step: %s", type(self).__name__, why)
+            return call.diffusers_step()
 
-    def _host_key(self, timestep, batch: int) -> tuple[int, torch.Tensor | None]:
-        """(key, device timesteps) for DDPM/DDIM: a host-checked row, or -1 and the tensor to read in-kernel."""
-        T = self.scheduler.config.num_train_timesteps
-        if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
-            if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.numel() not in (1, batch)):
-                raise ValueError(f"timestep: expected a scalar or a ({batch},) tensor, "
-                                 f"got shape {tuple(timestep.shape)}")
-            return -1, timestep
-        if isinstance(timestep, (int, float)) and 0 <= timestep < T and timestep == int(timestep) and (
-                self.kind == "ddim" or int(timestep) in self._host_set):
-            return int(timestep), None  # the common host case, checked without torch
-        t = torch.as_tensor(timestep).detach().to(torch.float64).reshape(-1)
-        if t.numel() not in (1, batch):
-            raise ValueError(f"timestep: expected a scalar or a ({batch},) tensor, got {t.numel()} values")
-        vals = t.numpy()
-        bad = [v for v in vals if not (0 <= v < T and v == int(v))]
-        if self.kind == "ddpm":
-            bad += [v for v in vals if v not in self._host_set]
-        if bad:
-            where = ", in scheduler.timesteps)" if self.kind == "ddpm" else ")"
-            raise ValueError(f"timestep: {bad[0]:g} is outside the schedule of {type(self.scheduler).__name__} "
-                             f"(integer timesteps in [0, {T}){where}")
-        if t.numel() == 1:
-            return int(vals[0]), None
-        return -1, t.to(torch.int64)
 
-    def _indexed_key(self, timestep, batch: int) -> tuple[int, torch.Tensor | None]:
-        """(key, timesteps) for Euler/DPM: diffusers' step index (scalar), or -1 and a (B,) tensor to look up."""
-        s = self.scheduler
-        per_sample = isinstance(timestep, torch.Tensor) and timestep.dim() == 1
-        if self.kind != "dpmsolver++" and isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError(f"timestep: {type(s).__name__}.step takes one of scheduler.timesteps, not an integer "
-                             "index (as diffusers)")
-        if not per_sample:
-            if s.step_index is None:
-                s._init_step_index(timestep)
-            if not 0 <= s.step_index < len(s.timesteps):
-                raise ValueError(f"timestep: step index {s.step_index} is past the end of the schedule "
-                                 f"({len(s.timesteps)} steps); call set_timesteps again")
-            return s.step_index, None
-        if timestep.numel() != batch:
-            raise ValueError(f"timestep: expected a scalar or a ({batch},) tensor, got shape {tuple(timestep.shape)}")
-        if timestep.device.type == "cpu":
-            known = set(self._host_schedule.astype(np.float32).tolist())
-            bad = [v for v in timestep.to(torch.float32).tolist() if v not in known]
-            if bad:
-                raise ValueError(f"timestep: {bad[0]:g} is not one of {type(s).__name__}.timesteps")
-        return -1, timestep
+def _rebuild(cls: type, state: dict, options: tuple):
+    """Unpickle / copy a fused scheduler (``FastScheduler.__reduce_ex__``)."""
+    obj = object.__new__(fast_class(cls))
+    obj.__dict__.update(state)
+    sf = obj._sf
+    sf.seed, sf.write_x0, sf.backend, sf.offset = options
+    return obj
 
-    # -- the step ---------------------------------------------------------------------------
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *args, guidance_scale=None,
-             guidance_rescale: float = 0.0, variance_noise: torch.Tensor | None = None, **kwargs):
-        """diffusers' ``step`` of the wrapped class, fused (see the class docstring); same output class."""
-        from ..ops.diffusion import diffusion_step
 
-        name = self._name
-        if "variance_noise" in self._step_defaults:
-            kwargs["variance_noise"] = variance_noise
-        opts = self._bind(model_output, timestep, sample, args, kwargs)
-        opts["variance_noise"] = variance_noise
-        if self.kind == "ddim" and opts["eta"] < 0:
-            raise ValueError(f"{name}.step: eta must be >= 0, got {opts['eta']}")
-        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError(f"{name}.step: sample and model_output must be tensors")
-        B = sample.shape[0]
-        cfg = guidance_scale is not None
-        want = (2 * B, *sample.shape[1:]) if cfg else tuple(sample.shape)
-        if tuple(model_output.shape) != want:
-            raise ValueError(f"{name}.step: model_output has shape {tuple(model_output.shape)}, expected {want}"
-                             + (" (the [unconditional; conditional] batch of 2B for guidance_scale)" if cfg else ""))
-        if model_output.dtype != sample.dtype:
-            raise TypeError(f"{name}.step: model_output dtype {model_output.dtype} != sample dtype {sample.dtype}")
-        if model_output.device != sample.device:
-            raise ValueError(f"{name}.step: model_output is on {model_output.device}, sample on {sample.device}")
+class _Call:
+    """One step call: the bound arguments, the model output split for guidance, noise and launch helpers."""
 
-        s = self.scheduler
-        first_order = False
-        if self.kind in ("ddpm", "ddim"):
-            key, ts = self._host_key(timestep, B)
-            sched = None
+    __slots__ = ("s", "sf", "opts", "guidance_scale", "guidance_rescale", "variance_noise", "cfg", "u", "k",
+                 "sample", "device")
+
+    def __init__(self, s: FastScheduler, opts: dict, guidance_scale, guidance_rescale, variance_noise):
+        self.s, self.sf, self.opts = s, s._sf, opts
+        mo, sample = opts["model_output"], opts["sample"]
+        if not isinstance(sample, torch.Tensor) or not isinstance(mo, torch.Tensor):
+            raise TypeError(f"{type(s).__name__}.step: sample and model_output must be tensors, got "
+                            f"{type(sample).__name__} and {type(mo).__name__}")
+        self.device = device = sample.device
+        if mo.device != device:
+            raise ValueError(f"{type(s).__name__}.step: model_output is on {mo.device}, sample on {device}")
+        self.guidance_scale, self.guidance_rescale = guidance_scale, float(guidance_rescale or 0.0)
+        self.variance_noise = variance_noise
+        self.cfg = guidance_scale is not None
+        if self.cfg:
+            B = sample.shape[0]
+            if mo.shape[0] != 2 * B:
+                raise ValueError(f"{type(s).__name__}.step: model_output has {mo.shape[0]} rows, expected {2 * B} "
+                                 f"(the [unconditional; conditional] batch of 2B for guidance_scale)")
+            self.u, self.k = mo[:B], mo[B:]
         else:
-            key, ts = self._indexed_key(timestep, B)
-            if self.kind == "dpmsolver++":
-                first_order = s.lower_order_nums < 1
-        tab = self._table(sample.device, opts, first_order)
-        if self.kind in ("euler", "euler_ancestral", "dpmsolver++"):
-            sched = tab.schedule if key < 0 else None
+            if self.guidance_rescale:
+                raise ValueError(f"{type(s).__name__}.step: guidance_rescale needs guidance_scale (the fused CFG "
+                                 "batch)")
+            self.u, self.k = mo, None
+        self.sample = sample
+
+    # -- shapes and dtypes --
+    def shape(self, u: torch.Tensor) -> torch.Size:
+        if u.shape == self.sample.shape:
+            return self.sample.shape
+        try:
+            return torch.broadcast_shapes(self.sample.shape, u.shape)
+        except RuntimeError:
+            raise ValueError(f"{type(self.s).__name__}.step: model_output of shape {tuple(u.shape)} does not "
+                             f"broadcast with sample of shape {tuple(self.sample.shape)}") from None
+
+    def guidance(self, B: int):
+        """(scalar g, per-sample g tensor or None)."""
+        g = self.guidance_scale
+        if not self.cfg:
+            return 0.0, None
+        if isinstance(g, torch.Tensor):
+            if g.dim() == 0:
+                return 0.0, g.to(self.device, torch.float32).reshape(1).expand(B).contiguous()
+            if tuple(g.shape) != (B,):
+                raise ValueError(f"{type(self.s).__name__}.step: guidance_scale must be a float or a ({B},) tensor, "
+                                 f"got shape {tuple(g.shape)}")
+            return 0.0, g.to(self.device, torch.float32).contiguous()
+        return float(g), None
+
+    def guided(self) -> torch.Tensor:
+        """The guided model output in torch (for diffusers' own step)."""
+        if not self.cfg:
+            return self.u
+        from ..reference.diffusion import bcast, guided
+
+        g, per = self.guidance(self.u.shape[0])
+        m = guided(self.u, self.k, g, per, torch.float32)
+        if self.guidance_rescale:
+            m = m * bcast(ops.rescale_factor(self.u, self.k, g, per, self.guidance_rescale), m.dim())
+        return m.to(self.u.dtype)
+
+    def diffusers_step(self):
+        opts = dict(self.opts)
+        if isinstance(opts["timestep"], torch.Tensor) and opts["timestep"].dim() == 1 and opts["timestep"].numel() > 1:
+            raise ValueError(f"{type(self.s).__name__}.step: per-sample timesteps need the fused step, which cannot "
+                             "take this call")
+        opts["model_output"] = self.guided()
+        if self.variance_noise is not None and "variance_noise" not in self.s._params:
+            raise ValueError(f"{type(self.s).__name__}.step: variance_noise needs the fused step, which cannot take "
+                             "this call")
+        return super(type(self.s), self.s).step(**opts)
+
+    # -- noise --
+    def noise(self, noisy: bool, shape, dtype, out_shape) -> tuple:
+        """(noise_mode, noise tensor, seed, offset, own stream) of a step; diffusers draws ``shape`` in ``dtype``."""
+        sf = self.sf
+        if not noisy:
+            return 0, None, sf.seed, 0, False
+        given = self.variance_noise
+        gen = self.opts.get("generator")
+        if given is not None:
+            if not isinstance(given, torch.Tensor):
+                raise TypeError(f"{type(self.s).__name__}.step: variance_noise must be a tensor")
+            try:
+                torch.broadcast_shapes(given.shape, out_shape)
+            except RuntimeError:
+                raise ValueError(f"{type(self.s).__name__}.step: variance_noise has shape {tuple(given.shape)}, "
+                                 f"expected {tuple(out_shape)}") from None
+            return 1, given.to(self.device), sf.seed, 0, False
+        if gen is not None:
+            cuda_gen = not isinstance(gen, list) and torch.device(gen.device).type == "cuda" and self.device.type == "cuda"
+            if cuda_gen:
+                seed, offset = configs.generator_key(gen, int(torch.Size(shape).numel()))
+                return 2, None, seed, offset, False
+            return 1, configs.randn_like_diffusers(shape, gen, self.device, dtype), sf.seed, 0, False
+        offset = sf.offset
+        sf.offset += 1
+        return 2, None, sf.seed, offset, True
+
+    # -- timesteps --
+    def per_sample(self) -> torch.Tensor | None:
+        t = self.opts["timestep"]
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() > 1:
+            return t
+        return None
+
+    def run(self, tab: _Table, key: int, ts, out_shape, *, u=None, k=None, x0_mode=0, noise=(0, None, 0, 0, False),
+            var_mode=0, variance=None, last=None, history=(), out_dtype, aux_dtype=None, conv_dtype=None,
+            xs_dtype=None, lookup="rows"):
+        """The fused op on this call (``seqgen_fast.ops.diffusion.step``, its argument tuple built here)."""
+        s, cfg, sf = self.s, self.s.config, self.sf
+        u = self.u if u is None else u
+        k = self.k if k is None and self.cfg else k
+        B = out_shape[0]
+        g = self.guidance_scale
+        gscale, per_g = (0.0, None) if not self.cfg else (float(g), None) if isinstance(g, (int, float)) else \
+            self.guidance(B)
         if ts is not None:
-            ts = ts.to(sample.device).contiguous()
+            if ts.device != self.device:
+                ts = ts.to(self.device)
+            if ts.numel() not in (1, B):
+                raise ValueError(f"{type(s).__name__}.step: timestep must be a scalar or a ({B},) tensor, "
+                                 f"got shape {tuple(ts.shape)}")
+        mode, n, seed, offset, own = noise
+        sample = self.sample if self.sample.shape == out_shape else self.sample.expand(out_shape)
+        h1, h2, h3 = (tuple(history) + (None, None, None))[:3]
+        args = (sample, u, k, variance, last, h1, h2, h3, n if mode == 1 else None, tab.coef, key, ts,
+                tab.schedule if (ts is not None and lookup == "schedule") else None, gscale, per_g, None, x0_mode,
+                float(cfg.get("clip_sample_range", 1.0)), None, mode, var_mode, seed, offset % 2**64,
+                sf.rng_offset if own else None, out_dtype, aux_dtype, conv_dtype, xs_dtype)
+        return ops.step(args, self.guidance_rescale, cfg.get("dynamic_thresholding_ratio", 0.995),
+                        cfg.get("sample_max_value", 1.0), sf.backend)
 
-        # noise: given, drawn as diffusers draws it (generator), or in-kernel
-        noisy = self._noisy(tab, key, opts)
-        noise, noise_mode = None, 0
-        if noisy:
-            given = opts.get("variance_noise")
-            gen = opts.get("generator")
-            if given is not None and gen is not None:
-                raise ValueError(f"{name}.step: pass either generator or variance_noise, not both")
-            if given is not None:
-                if tuple(given.shape) != tuple(sample.shape):
-                    raise ValueError(f"{name}.step: variance_noise has shape {tuple(given.shape)}, "
-                                     f"expected {tuple(sample.shape)}")
-                noise, noise_mode = given.to(sample.device), 1
-            elif gen is not None:
-                ndt = torch.float32 if self.kind == "dpmsolver++" else model_output.dtype
-                noise, noise_mode = configs.randn_like_diffusers(sample.shape, gen, sample.device, ndt), 1
-            else:
-                noise_mode = 2
+    def output(self, prev, aux=None):
+        s = self.s
+        aux_name = s._kind.aux
+        if not self.opts.get("return_dict", True):
+            return (prev,) if aux_name is None else (prev, aux)
+        return s._output(prev_sample=prev) if aux_name is None else s._output(**{"prev_sample": prev, aux_name: aux})
 
-        guidance = None
-        gscale = 0.0
-        if cfg:
-            if isinstance(guidance_scale, torch.Tensor):
-                if guidance_scale.dim() == 0:
-                    guidance = guidance_scale.to(sample.device, torch.float32).contiguous().reshape(1).repeat(B)
-                elif tuple(guidance_scale.shape) != (B,):
-                    raise ValueError(f"{name}.step: guidance_scale must be a float or a ({B},) tensor, "
-                                     f"got shape {tuple(guidance_scale.shape)}")
-                else:
-                    guidance = guidance_scale.to(sample.device, torch.float32).contiguous()
-            else:
-                gscale = float(guidance_scale)
-        elif guidance_rescale:
-            raise ValueError(f"{name}.step: guidance_rescale needs guidance_scale (the fused CFG batch)")
 
-        history, read_history = None, False
-        if self.kind == "dpmsolver++":
-            if self._history is None or self._history.shape != sample.shape or self._history.dtype != sample.dtype \
-                    or self._history.device != sample.device:
-                self._history = torch.zeros_like(sample)
-            history, read_history = self._history, not first_order
+def _x0_mode(cfg, allow_clip: bool = True) -> int:
+    """2 dynamic thresholding, 1 clip_sample, 0 none."""
+    if cfg.get("thresholding", False):
+        return 2
+    return 1 if allow_clip and cfg.get("clip_sample", False) else 0
 
-        prev, x0 = diffusion_step(
-            sample, model_output, tab.coef, key, ts, sched, cfg=cfg, guidance_scale=gscale, guidance=guidance,
-            guidance_rescale=float(guidance_rescale), x0_mode=self._x0_mode, **self._x0_args,
-            history=history, read_history=read_history, noise=noise, noise_mode=noise_mode, seed=self.seed,
-            offset=self.offset, rng_offset=self._rng_offset if noise_mode == 2 else None,
-            write_x0=self.write_x0 and self.kind != "dpmsolver++", backend=self.backend)
-        if noise_mode == 2:
-            self.offset += 1
-        if self.kind in ("euler", "euler_ancestral", "dpmsolver++") and key >= 0:
-            s._step_index += 1
-        if self.kind == "dpmsolver++":
-            s.lower_order_nums = min(s.lower_order_nums + 1, s.config.solver_order)
-        x0 = x0 if self.write_x0 else None
-        if self.kind == "dpmsolver++":
-            return self._output_cls(prev_sample=prev) if opts["return_dict"] else (prev,)
-        if not opts["return_dict"]:
-            return prev, x0
-        return self._output_cls(prev_sample=prev, pred_original_sample=x0)
 
-    def _noisy(self, tab: _Tables, key: int, opts: dict) -> bool:
-        """Whether this step draws noise (as diffusers would), known on the host without reading the device."""
-        k = self.kind
-        if k == "ddpm":
-            return key != 0
-        if k == "ddim":
-            return opts["eta"] > 0
-        if k == "euler":
-            return bool((tab.rows[key, CPN] > 0) if key >= 0 else (tab.rows[:, CPN] > 0).any())
-        if k == "euler_ancestral":
-            return True
-        return self.scheduler.config.algorithm_type == "sde-dpmsolver++"
+def _x0_dtype(cfg, s_dt, m_dt):
+    return m_dt if cfg.prediction_type == "sample" else _promote(s_dt, m_dt)
+
+
+def _integer_timestep(call: _Call, T: int, valid) -> tuple[int, torch.Tensor | None]:
+    """(host row, device timesteps) of an integer-timestep kind; diffusers' own rejections, named."""
+    s = call.s
+    t = call.opts["timestep"]
+    vals = None
+    if isinstance(t, torch.Tensor):
+        if not t.is_cpu:
+            if t.dim() > 1:
+                raise ValueError(f"{type(s).__name__}.step: timestep must be a scalar or a (B,) tensor, got shape "
+                                 f"{tuple(t.shape)}")
+            return -1, t
+        if t.dim() == 1 and t.numel() > 1:
+            vals = t.tolist()
+        else:
+            t = t.item()
+    if vals is None:
+        if type(t) is not int:
+            if float(t) != int(float(t)):
+                raise ValueError(f"timestep: {type(s).__name__}.step takes an integer timestep, got {float(t)}")
+            t = int(float(t))
+        if valid(t):
+            return t, None
+        vals = [t]
+    bad = [v for v in vals if not (v == int(v) and valid(int(v)))]
+    if bad:
+        raise ValueError(f"timestep: {bad[0]} is outside the schedule of {type(s).__name__} (integer timesteps in "
+                         f"[0, {T})" + (", in scheduler.timesteps)" if s._kind.name == "ddpm" and (
+                             s.custom_timesteps or s.num_inference_steps) else ")"))
+    return -1, torch.tensor([int(v) for v in vals], dtype=torch.int64)
+
+
+def _indexed(call: _Call, integer_ok: bool = False) -> tuple[int, torch.Tensor | None]:
+    """(step index, None) from diffusers' own step-index bookkeeping, or (-1, per-sample timesteps)."""
+    s = call.s
+    name = type(s).__name__
+    t = call.opts["timestep"]
+    if not integer_ok and isinstance(t, (int, torch.IntTensor, torch.LongTensor)) and not isinstance(t, bool):
+        raise ValueError(f"timestep: passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                         f"`{name}.step()` is not supported (as diffusers); pass one of `scheduler.timesteps`")
+    per = call.per_sample()
+    if per is not None:
+        if per.device.type == "cpu":
+            known = set(tables.host(s.timesteps).astype(np.float32).tolist())
+            bad = [v for v in per.to(torch.float32).tolist() if v not in known]
+            if bad:
+                raise ValueError(f"timestep: {bad[0]:g} is not one of {name}.timesteps")
+        return -1, per
+    if s.step_index is None:
+        s._init_step_index(t)
+    return s.step_index, None
+
+
+def _need_steps(s):
+    if s.num_inference_steps is None:
+        raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the "
+                         f"scheduler ({type(s).__name__}.step)")
+
+
+def _check_index(s, k: int, rows: int):
+    if not 0 <= k < rows:
+        raise ValueError(f"timestep: step index {k} is past the end of the schedule of {type(s).__name__} "
+                         f"({rows} steps); call set_timesteps again")
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps, one per kind
+# ---------------------------------------------------------------------------------------------
+def _step_ddpm(s: FastScheduler, call: _Call):
+    cfg = s.config
+    vt = s.variance_type
+    if vt != cfg.variance_type:
+        raise Unfused(f"variance_type attribute {vt!r} differs from the config's {cfg.variance_type!r}")
+    sample = call.sample
+    u, k, variance = call.u, call.k, None
+    if u.shape[1:2] == torch.Size([2 * sample.shape[1]]) and vt in ("learned", "learned_range"):
+        C_ = sample.shape[1]
+        variance = (k if k is not None else u)[:, C_:]
+        u, k = u[:, :C_], (k[:, :C_] if k is not None else None)
+    elif vt in ("learned", "learned_range"):
+        raise Unfused(f"variance_type {vt!r} with a model output that carries no variance channels")
+    out_shape = call.shape(u)
+    T = cfg.num_train_timesteps
+    tab = s._table(("ddpm", vt), call.device, lambda: tables.ddpm_rows(s, vt))
+    key, ts = _integer_timestep(call, T, lambda t: 0 <= t < T and not np.isnan(tab.rows[t, C.AX]))
+    noisy = key != 0
+    m_dt = u.dtype
+    noise = call.noise(noisy, u.shape, m_dt, out_shape)
+    var_mode = {"learned": C.VAR_SQRT, "learned_range": C.VAR_EXP}.get(vt, C.VAR_NONE) if variance is not None else 0
+    x0_dt = _x0_dtype(cfg, sample.dtype, m_dt)
+    prev, x0, _, _ = call.run(tab, key, ts, out_shape, u=u, k=k, x0_mode=_x0_mode(cfg), noise=noise,
+                              var_mode=var_mode, variance=variance, out_dtype=_promote(sample.dtype, m_dt),
+                              aux_dtype=x0_dt if call.sf.write_x0 else None)
+    return call.output(prev, x0 if call.sf.write_x0 else None)
+
+
+def _step_ddim(s: FastScheduler, call: _Call):
+    _need_steps(s)
+    cfg = s.config
+    eta, clipped = float(call.opts["eta"]), bool(call.opts["use_clipped_model_output"])
+    if eta < 0:
+        raise ValueError(f"{type(s).__name__}.step: eta must be >= 0, got {eta}")
+    if eta > 0 and call.variance_noise is not None and call.opts.get("generator") is not None:
+        raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
+                         " `variance_noise` stays `None`.")
+    T = cfg.num_train_timesteps
+    out_shape = call.shape(call.u)
+    tab = s._table(("ddim", eta, clipped), call.device, lambda: tables.ddim_rows(s, eta, clipped))
+    key, ts = _integer_timestep(call, T, lambda t: 0 <= t < T)
+    noise = call.noise(eta > 0, call.u.shape, call.u.dtype, out_shape)
+    m_dt = call.u.dtype
+    prev, x0, _, _ = call.run(tab, key, ts, out_shape, x0_mode=_x0_mode(cfg), noise=noise,
+                              out_dtype=_promote(call.sample.dtype, m_dt),
+                              aux_dtype=_x0_dtype(cfg, call.sample.dtype, m_dt) if call.sf.write_x0 else None)
+    return call.output(prev, x0 if call.sf.write_x0 else None)
+
+
+def _step_euler(s: FastScheduler, call: _Call):
+    o = call.opts
+    ancestral = s._kind.name == "euler_ancestral"
+    if ancestral and s.config.prediction_type == "sample":
+        raise NotImplementedError("prediction_type not implemented yet: sample (EulerAncestralDiscreteScheduler, "
+                                  "as diffusers)")
+    key, ts = _indexed(call)
+    if ancestral:
+        tab = s._table(("ea",), call.device, lambda: tables.euler_ancestral_rows(s), schedule=True)
+    else:
+        churn = tuple(float(o[n]) for n in ("s_churn", "s_tmin", "s_tmax", "s_noise"))
+        tab = s._table(("euler",) + churn, call.device, lambda: tables.euler_rows(s, *churn), schedule=True)
+    if key >= 0:
+        _check_index(s, key, tab.rows.shape[0])
+    out_shape = call.shape(call.u)
+    m_dt = call.u.dtype
+    if ancestral:
+        noisy = True
+    else:
+        noisy = bool(tab.rows[key, C.CPN] > 0) if key >= 0 else bool((tab.rows[:, C.CPN] > 0).any())
+    noise = call.noise(noisy, call.u.shape, m_dt, out_shape)
+    x0_dt = m_dt if s.config.prediction_type in ("sample", "original_sample") else _promote(torch.float32, m_dt)
+    prev, x0, _, _ = call.run(tab, key, ts, out_shape, noise=noise, out_dtype=m_dt,
+                              aux_dtype=x0_dt if call.sf.write_x0 else None, lookup="schedule")
+    if key >= 0:
+        s._step_index += 1
+    return call.output(prev, x0 if call.sf.write_x0 else None)
+
+
+def _history(s, n: int, out_shape) -> tuple:
+    """The solver history h1..hn (diffusers' model_outputs[-1], [-2]... before the step's shift)."""
+    hist = []
+    for i in range(1, n + 1):
+        h = s.model_outputs[-i] if i <= len(s.model_outputs) else None
+        if h is None:
+            raise Unfused(f"model_outputs[-{i}] is None where the solver needs it")
+        if not isinstance(h, torch.Tensor):
+            raise Unfused(f"model_outputs[-{i}] is not a tensor")
+        hist.append(h)
+    return tuple(hist)
+
+
+def _shift(s, conv, timestep=None):
+    """diffusers' history shift: model_outputs (and UniPC's timestep_list) move down one, the new entry last."""
+    order = s.config.solver_order
+    for i in range(order - 1):
+        s.model_outputs[i] = s.model_outputs[i + 1]
+        if timestep is not None:
+            s.timestep_list[i] = s.timestep_list[i + 1]
+    s.model_outputs[-1] = conv
+    if timestep is not None:
+        s.timestep_list[-1] = timestep
+
+
+def _conv_dtype(cfg, x0_form: bool, s_dt, m_dt, thresholding: bool):
+    if x0_form:
+        return _x0_dtype(cfg, s_dt, m_dt)
+    if cfg.prediction_type == "epsilon" and not thresholding:
+        return m_dt
+    return _promote(s_dt, m_dt)
+
+
+def _step_dpm(s: FastScheduler, call: _Call):
+    _need_steps(s)
+    cfg = s.config
+    algo = cfg.algorithm_type
+    x0_form = algo in ("dpmsolver++", "sde-dpmsolver++")
+    if cfg.prediction_type == "flow_prediction" and not x0_form:
+        raise Unfused("flow_prediction with an eps-form algorithm (diffusers rejects it)")
+    key, ts = _indexed(call, integer_ok=True)
+    u, k = call.u, call.k
+    if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
+        u, k = u[:, :3], (k[:, :3] if k is not None else None)
+    out_shape = call.shape(u)
+    if key >= 0:
+        _check_index(s, key, len(s.timesteps))
+        order = tables.dpm_order(s, key, s.lower_order_nums)
+    else:
+        order = 0  # per sample: diffusers' order rule of a run from index 0
+    if order == 3 and algo == "sde-dpmsolver":
+        raise Unfused("sde-dpmsolver has no third-order update in diffusers")
+    if order:
+        tab = s._table(("dpm", order), call.device, lambda: tables.dpm_rows(s, order), schedule=True)
+    else:  # each index at the order a run from index 0 takes there, capped by the history there is
+        order = max(1, min(cfg.solver_order, s.lower_order_nums + 1))
+
+        def seq():
+            per = [tables.dpm_rows(s, o) for o in range(1, order + 1)]
+            return np.stack([per[min(tables.dpm_order(s, i, i), order) - 1][i] for i in range(len(s.timesteps))])
+        tab = s._table(("dpm", "sequence", order), call.device, seq, schedule=True)
+    history = _history(s, order - 1, out_shape)
+    thresholding = bool(cfg.thresholding)
+    conv_dt = _conv_dtype(cfg, x0_form, call.sample.dtype, u.dtype, thresholding)
+    noise = call.noise(algo.startswith("sde"), u.shape, torch.float32, out_shape)
+    if noise[0] == 1:
+        noise = (1, noise[1].to(torch.float32)) + noise[2:]
+    prev, _, conv, _ = call.run(tab, key, ts, out_shape, u=u, k=k, x0_mode=2 if thresholding else 0, noise=noise,
+                                history=history, out_dtype=conv_dt, conv_dtype=conv_dt, lookup="schedule")
+    _shift(s, conv)
+    if s.lower_order_nums < cfg.solver_order:
+        s.lower_order_nums += 1
+    if key >= 0:
+        s._step_index += 1
+    return call.output(prev)
+
+
+def _step_unipc(s: FastScheduler, call: _Call):
+    _need_steps(s)
+    cfg = s.config
+    if s.solver_p is not None:
+        raise Unfused("a solver_p predictor scheduler is set")
+    if cfg.solver_type not in ("bh1", "bh2"):
+        raise Unfused(f"solver_type {cfg.solver_type!r}")
+    if call.per_sample() is not None:
+        raise ValueError(f"{type(s).__name__}.step: per-sample timesteps are not supported for UniPC (its corrector "
+                         "reads one shared last_sample)")
+    key, _ = _indexed(call, integer_ok=True)
+    _check_index(s, key, len(s.timesteps))
+    p, c, this = tables.unipc_orders(s, key, s.lower_order_nums, s.last_sample is not None)
+    out_shape = call.shape(call.u)
+    tab = s._table(("unipc", p, c), call.device, lambda: tables.unipc_rows(s, p, c), schedule=True)
+    history = _history(s, max(c, p - 1), out_shape)
+    last = s.last_sample if c else None
+    x0_form = bool(cfg.predict_x0)
+    thresholding = bool(cfg.thresholding) and x0_form
+    conv_dt = _conv_dtype(cfg, x0_form, call.sample.dtype, call.u.dtype, False)
+    cur_dt = last.dtype if c else call.sample.dtype
+    prev, _, conv, xs = call.run(tab, key, None, out_shape, x0_mode=2 if thresholding else 0, history=history,
+                                 last=last, out_dtype=cur_dt, conv_dtype=conv_dt, xs_dtype=cur_dt if c else None)
+    _shift(s, conv, call.opts["timestep"])
+    s.this_order = this
+    s.last_sample = xs if c else call.sample
+    if s.lower_order_nums < cfg.solver_order:
+        s.lower_order_nums += 1
+    s._step_index += 1
+    return call.output(prev)
+
+
+def _step_lcm(s: FastScheduler, call: _Call):
+    _need_steps(s)
+    cfg = s.config
+    key, ts = _indexed(call, integer_ok=True)
+    out_shape = call.shape(call.u)
+    tab = s._table(("lcm",), call.device, lambda: tables.lcm_rows(s), schedule=True)
+    if key >= 0:
+        _check_index(s, key, tab.rows.shape[0])
+        noisy = key != s.num_inference_steps - 1
+        t = call.opts["timestep"]
+        t_host = None if isinstance(t, torch.Tensor) and t.device.type != "cpu" else float(t)
+        if t_host is not None and t_host != float(tables.host(s.timesteps)[key]):  # a timestep off its index
+            tab = s._table(("lcm", t_host, key), call.device, lambda: tables.lcm_row(s, t_host, key, noisy)[None])
+            key = 0
+    else:
+        noisy = True
+    m_dt = call.u.dtype
+    x0_dt = _x0_dtype(cfg, call.sample.dtype, m_dt)
+    den_dt = _promote(x0_dt, call.sample.dtype)
+    noise = call.noise(noisy, call.u.shape, den_dt, out_shape)
+    prev, den, _, _ = call.run(tab, key, ts, out_shape, x0_mode=_x0_mode(cfg), noise=noise, out_dtype=den_dt,
+                               aux_dtype=den_dt, lookup="schedule")
+    if key >= 0:
+        s._step_index += 1
+    return call.output(prev, den)
+
+
+def _step_flow(s: FastScheduler, call: _Call):
+    if call.opts.get("per_token_timesteps") is not None:
+        raise Unfused("per_token_timesteps")
+    key, ts = _indexed(call)
+    tab = s._table(("flow",), call.device, lambda: tables.flow_rows(s), schedule=True)
+    if key >= 0:
+        _check_index(s, key, tab.rows.shape[0])
+    out_shape = call.shape(call.u)
+    noise = call.noise(bool(s.config.stochastic_sampling), call.sample.shape, torch.float32, out_shape)
+    prev, _, _, _ = call.run(tab, key, ts, out_shape, noise=noise, out_dtype=call.u.dtype, lookup="schedule")
+    if key >= 0:
+        s._step_index += 1
+    return call.output(prev)
+
+
+_STEPS = {"ddpm": _step_ddpm, "ddim": _step_ddim, "euler": _step_euler, "euler_ancestral": _step_euler,
+          "dpm": _step_dpm, "unipc": _step_unipc, "lcm": _step_lcm, "flow": _step_flow}
+
+
+# ---------------------------------------------------------------------------------------------
+# The classes
+# ---------------------------------------------------------------------------------------------
+_CLASSES: dict[type, type] = {}
+
+
+def _step_function(cls: type, base: type):
+    """``cls.step`` for the fused class: ``base.step``'s exact signature (names, kinds, defaults, order) plus the
+    keyword-only extras, compiled from source so that Python itself binds the arguments (and raises its own
+    TypeError naming the argument for a bad call). Returns (function, the wrapped step's parameter names)."""
+    P = inspect.Parameter
+    sig = inspect.signature(base.step)
+    params = list(sig.parameters.values())
+    if any(p.kind is P.VAR_POSITIONAL for p in params):
+        raise TypeError(f"fast_scheduler: {base.__name__}.step takes *args, which the fused step cannot bind")
+    names = [p.name for p in params[1:] if p.kind is not P.VAR_KEYWORD]
+    extras = [P("guidance_scale", P.KEYWORD_ONLY, default=None), P("guidance_rescale", P.KEYWORD_ONLY, default=0.0)]
+    if "variance_noise" not in names:
+        extras.append(P("variance_noise", P.KEYWORD_ONLY, default=None))
+    var_kw = [p for p in params if p.kind is P.VAR_KEYWORD]
+    full = sig.replace(parameters=[p for p in params if p.kind is not P.VAR_KEYWORD] + extras + var_kw)
+    text, defaults, kind = [], {}, None
+    for p in full.parameters.values():
+        if kind is P.POSITIONAL_ONLY and p.kind is not P.POSITIONAL_ONLY:
+            text.append("/")
+        if p.kind is P.KEYWORD_ONLY and kind is not P.KEYWORD_ONLY:
+            text.append("*")
+        kind = p.kind
+        if p.kind is P.VAR_KEYWORD:
+            text.append(f"**{p.name}")
+        elif p.default is P.empty:
+            text.append(p.name)
+        else:
+            defaults[f"_d_{p.name}"] = p.default
+            text.append(f"{p.name}=_d_{p.name}")
+    opts = ", ".join([f"{n!r}: {n}" for n in names] + [f"**{p.name}" for p in var_kw])
+    source = (f"def step({', '.join(text)}):\n    return {params[0].name}._fused_step("
+              f"{{{opts}}}, guidance_scale, guidance_rescale, variance_noise)\n")
+    namespace = dict(defaults)
+    exec(compile(source, f"<seqgen_fast fused {cls.__name__}.step>", "exec"), namespace)
+    step = namespace["step"]
+    step.__signature__ = full
+    step.__qualname__ = f"{cls.__qualname__}.step"
+    step.__module__ = __name__
+    return step, tuple(names)
+
+
+def fast_class(cls: type) -> type:
+    """The fused subclass of diffusers scheduler class ``cls`` (made once per class, cached).
+
+    It has ``cls``'s name, qualified name, module and docstring, so diffusers' config, save/load
+    and pipeline machinery treat it as ``cls``; its ``step`` has ``cls.step``'s signature plus the
+    keyword-only ``guidance_scale``, ``guidance_rescale`` (and ``variance_noise``).
+    """
+    if issubclass(cls, FastScheduler):
+        return cls
+    made = _CLASSES.get(cls)
+    if made is not None:
+        return made
+    base = configs.base_class(cls)
+    step, names = _step_function(cls, base)
+    step.__doc__ = (base.step.__doc__ or "") + (
+        "\n        seqgen_fast: one fused kernel. Keyword-only extras: ``guidance_scale`` (float or (B,) tensor:\n"
+        "        model_output is the (2B, ...) [unconditional; conditional] batch and guidance is fused),\n"
+        "        ``guidance_rescale`` (diffusers' rescale_noise_cfg), ``variance_noise``; ``timestep`` may be a\n"
+        "        (B,) tensor of per-sample timesteps.\n")
+    kind = configs.kind_of(base)
+    made = type(cls.__name__, (FastScheduler, cls), {
+        "__slots__": ("_sf_state",), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__, "step": step, "_base": base, "_kind": kind, "_params": names,
+        "_output": configs.output_class(base), "_fused": staticmethod(_STEPS[kind.name])})
+    _CLASSES[cls] = made
+    return made
 
 
 def fast_scheduler(scheduler, *, seed: int | None = None, pred_original_sample: bool = True,
-                   backend: str | None = None) -> FastScheduler:
-    """Wrap a diffusers DDPM, DDIM, EulerDiscrete, EulerAncestralDiscrete or DPMSolverMultistep scheduler.
+                   backend: str | None = None):
+    """``scheduler`` (a diffusers DDPM, DDIM, EulerDiscrete, EulerAncestralDiscrete, DPMSolverMultistep,
+    UniPCMultistep, LCM or FlowMatchEulerDiscrete scheduler, or a subclass) stepping with the fused kernels.
 
-    The result behaves as ``scheduler`` (config, set_timesteps, timesteps, scale_model_input,
-    add_noise, step with the same arguments and output class, return_dict) but steps with one
-    fused kernel. Raises ``TypeError`` for other classes and ``NotImplementedError`` naming the
-    option for unsupported configurations. ``backend`` forces "cuda", "triton" or "reference".
+    The result is an instance of ``type(scheduler)`` that shares ``scheduler``'s state (see the module
+    docstring). Raises ``TypeError`` for other classes and for subclasses that override the step's
+    math. ``pred_original_sample=False`` skips writing x0 (the output field is then None; LCM's
+    ``denoised`` is always written). ``backend`` forces "cuda", "triton" or "reference". A scheduler
+    that is already fused is returned as it is (with the options given applied).
     """
     if isinstance(scheduler, FastScheduler):
-        return scheduler
-    return FastScheduler(scheduler, seed=seed, pred_original_sample=pred_original_sample, backend=backend)
+        fast = scheduler
+    else:
+        cls = fast_class(type(scheduler))
+        fast = object.__new__(cls)
+        fast.__dict__ = scheduler.__dict__
+    sf = fast._sf
+    if seed is not None:
+        sf.seed = int(seed)
+    sf.write_x0 = pred_original_sample
+    if backend is not None or not isinstance(scheduler, FastScheduler):
+        sf.backend = backend
+    return fast
 
 
-__all__ = ["fast_scheduler", "FastScheduler", "ddpm_table", "ddim_table", "euler_table", "euler_ancestral_table",
-           "dpm_tables"]
+__all__ = ["fast_scheduler", "fast_class", "FastScheduler"]

@@ -155,8 +155,9 @@ def _sample_kernel(logits_ptr, out_ptr, seed_ptr, cand_ptr, cand_idx_ptr, flag_p
         best_idx = tl.zeros([ROWS], dtype=tl.int64)
         for c0 in range(0, n_cols, BLOCK_V):
             s, valid = _load_scaled(base, c0 + tl.arange(0, BLOCK_V), row_ok, vlen, inv_temp)
-            bad = bad | (tl.max((valid & (s != s)).to(tl.int32), axis=1) > 0)
-            score = tl.where(valid, s, neg_inf)
+            nan = valid & (s != s)
+            bad = bad | (tl.max(nan.to(tl.int32), axis=1) > 0)
+            score = tl.where(valid & ~nan, s, neg_inf)  # NaN rows give -1: keep NaN out of the max and argmax
             c_best = tl.max(score, axis=1)
             c_idx = tl.argmax(score, axis=1).to(tl.int64) + c0
             best_idx = tl.where(c_best > best, c_idx, best_idx)  # strict: the first maximum wins

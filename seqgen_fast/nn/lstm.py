@@ -1,10 +1,17 @@
 """Drop-in ``torch.nn.LSTM`` and ``torch.nn.LSTMCell`` running on seqgen_fast's kernels.
 
-Both subclass torch's classes: constructor, parameters (``weight_ih_l0``, ``weight_hh_l0``,
-``bias_ih_l0``, ``bias_hh_l0``, ``*_reverse``, ``weight_hr_l0``, ...), state_dict keys,
-``extra_repr`` and ``flatten_parameters`` are torch's own; only ``forward`` is replaced, by
-``seqgen_fast.functional.lstm`` / ``lstm_cell``. A state_dict moves freely between the two.
-The backend is chosen per call (``seqgen_fast.use_backend`` or ``SEQGEN_FAST_BACKEND`` force one).
+Constructor, parameters (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``,
+``*_reverse``, ``weight_hr_l0``, ...), state_dict keys, ``extra_repr`` and ``flatten_parameters``
+are torch's own; only ``forward`` is replaced, by ``seqgen_fast.functional.lstm`` / ``lstm_cell``.
+A state_dict moves freely between the two. The backend is chosen per call
+(``seqgen_fast.use_backend`` or ``SEQGEN_FAST_BACKEND`` force one).
+
+``LSTMCell`` subclasses ``torch.nn.LSTMCell``. ``LSTM`` subclasses ``torch.nn.RNNBase`` in its
+"LSTM" mode, which is what ``torch.nn.LSTM`` is made of, and not ``torch.nn.LSTM`` itself:
+torch.compile refuses to trace instances of ``torch.nn.RNN``/``GRU``/``LSTM`` (it graph-breaks on
+them unless the global ``torch._dynamo.config.allow_rnn`` is set), while this module compiles with
+``fullgraph=True``. So ``isinstance(m, torch.nn.LSTM)`` is False for it; ``swap_modules`` and
+``from_torch`` convert between the two.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ def _share_parameters(new: torch.nn.Module, old: torch.nn.Module) -> None:
     new.train(old.training)
 
 
-class LSTM(torch.nn.LSTM):
+class LSTM(torch.nn.RNNBase):
     """``torch.nn.LSTM`` with seqgen_fast's forward (same constructor, parameters and outputs).
 
     Input: [T, B, I] (``batch_first``: [B, T, I]), unbatched [T, I], or a ``PackedSequence``
@@ -31,6 +38,29 @@ class LSTM(torch.nn.LSTM):
     ``hx = (h0, c0)``: [L*D, B, P] and [L*D, B, H] ([L*D, P] / [L*D, H] unbatched), or None.
     Returns ``(output, (h_n, c_n))`` exactly shaped as torch's.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def get_expected_cell_size(self, input: torch.Tensor, batch_sizes: torch.Tensor | None) -> tuple[int, int, int]:
+        """(num_layers * directions, batch, hidden_size): the shape of c0 (h0's is ``get_expected_hidden_size``)."""
+        batch = int(batch_sizes[0]) if batch_sizes is not None else input.size(0 if self.batch_first else 1)
+        return self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size
+
+    def check_forward_args(self, input: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor],
+                           batch_sizes: torch.Tensor | None) -> None:
+        """torch.nn.LSTM's checks of ``input`` and both states, with its messages."""
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx, permutation: torch.Tensor | None):  # type: ignore[override]
+        """Both states reordered along the batch dim by ``permutation`` (a PackedSequence's order)."""
+        if permutation is None:
+            return hx
+        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
 
     @classmethod
     def from_torch(cls, m: torch.nn.LSTM) -> "LSTM":
@@ -45,7 +75,6 @@ class LSTM(torch.nn.LSTM):
         return new
 
     def forward(self, input, hx=None):
-        self._update_flat_weights()
         packed = isinstance(input, PackedSequence)
         batch_sizes = sorted_indices = unsorted_indices = None
         is_batched = True
@@ -72,7 +101,8 @@ class LSTM(torch.nn.LSTM):
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
             self.check_forward_args(input, hx, batch_sizes)
             hx = self.permute_hidden(hx, sorted_indices)
-        output, hidden = lstm(input, hx, self._flat_weights, num_layers=self.num_layers, bias=self.bias,
+        weights = [getattr(self, name) for name in self._flat_weights_names]  # the current Parameters
+        output, hidden = lstm(input, hx, weights, num_layers=self.num_layers, bias=self.bias,
                               batch_first=self.batch_first, dropout=self.dropout, training=self.training,
                               bidirectional=self.bidirectional, batch_sizes=batch_sizes)
         if packed:

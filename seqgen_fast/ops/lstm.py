@@ -22,9 +22,16 @@ Ops (``torch.ops.seqgen_fast.*``; each takes the chosen backend as its ``backend
   dispatch would cost more host time than the launch.
 
 Backends, in automatic order: ``cuda`` (persistent kernels of ``seqgen_fast.kernels.lstm_cuda``:
-W_hh resident on chip, one grid barrier per step; no projections, no variable lengths), ``triton``
-(per step: cuBLAS addmm + the fused Triton cell), ``reference`` (plain PyTorch, any float dtype).
-A size or case a backend cannot take goes to the next one, with its reason.
+W_hh resident on chip, the recurrent product on tensor cores, blocks handing h_t over through
+release/acquire flags; no projections, no variable lengths), ``triton`` (per step: cuBLAS addmm +
+the fused Triton cell), ``reference`` (plain PyTorch, any float dtype). A size or case a backend
+cannot take goes to the next one, with its reason -- including a cuda grid that cannot be resident
+on this context's SMs (MPS, green contexts), decided before anything is launched.
+
+Under ``torch.compile`` the whole public API traces with ``fullgraph=True``: backend selection is
+plain Python over shapes and dtypes (the device facts it needs are trace-time constants, see
+``kernels.lstm_cuda.launch_plan``), each op is one opaque node, and nothing traced reads a cache
+that the first call fills, so steps do not recompile.
 """
 import contextlib
 from typing import Optional, Sequence
@@ -118,6 +125,7 @@ def _seq_reference(xg, w_hh, w_hr, h0, c0, batch_sizes, train):
 
 @SEQ_BWD.register("cuda", supports=_bwd_supports_cuda, caps=lstm_cuda.CAPS)
 def _bwd_cuda(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n, batch_sizes):
+    # grad_gates comes back in the layer dtype: what the blocks exchanged, and what the weight GEMMs read
     dG, dh0, dc0 = _cuda_kernels().sequence_backward(w_hh, hs, cs, gates, h0, c0, grad_hs, grad_h_n, grad_c_n)
     return dG, dh0, dc0, None
 
@@ -323,9 +331,13 @@ def _layer_direction(x, weights, h0, c0, batch_sizes, rev_idx, reverse):
 
 
 def _cell_backend(x, h, c, w_ih, w_hh, b_ih, b_hh) -> str:
-    """``CELL.select`` memoized on what the supports functions look at (device, dtype, shapes, bias;
-    devices and dtypes were checked equal before): a generation loop pays the checks once."""
-    key = (x.device, x.dtype, tuple(x.shape), tuple(h.shape), tuple(w_ih.shape), b_ih is not None)
+    """``CELL.select`` memoized on what the supports functions look at (device, dtype, shapes, bias, the
+    TF32 flag of the cell's product; devices and dtypes were checked equal before): a generation loop
+    pays the checks once. Traced, the plain selection (the memo would be a cache the trace guards on)."""
+    if torch.compiler.is_compiling():
+        return CELL.select(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    key = (x.device, x.dtype, tuple(x.shape), tuple(h.shape), tuple(w_ih.shape), b_ih is not None,
+           lstm_cuda.cell_math(x.dtype))
     return CELL.select_cached(key, x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -388,6 +400,8 @@ def lstm(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], weights: Sequence[T
         _check_shape(fn, "hx[0]", h0, (num_layers * directions, B, P))
         _check_shape(fn, "hx[1]", c0, (num_layers * directions, B, H))
     T = x.shape[0]
+    if T == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     rev_idx = _reverse_index(batch_sizes, T, B, x.device) if (batch_sizes is not None and bidirectional) else None
     h_n, c_n = [], []
     with _forcing(backend):

@@ -6,6 +6,12 @@ drawn from the caller's generator (``torch.randint`` on the device: no host sync
 captured CUDA graph each replay draws a fresh seed). The triton kernel seeds its in-kernel Philox
 with it; the reference seeds a ``torch.Generator`` with it (one host read) and calls
 ``torch.multinomial``. Either way the same generator state gives the same tokens on that backend.
+
+Non-finite logits follow one policy on every backend (``errors=``). Both backends mark a row
+without a distribution with the token ``-1`` on the device; the op then applies the policy:
+``"raise"`` (torch's behaviour: ``torch.argmax`` for greedy rows, ``torch.multinomial``'s error for
+sampled ones, which costs one host read of a flag) or ``"mark"`` (no host sync: -1 and a flag).
+The op is opaque to ``torch.compile``, so either policy compiles without a graph break.
 """
 from __future__ import annotations
 
@@ -38,14 +44,38 @@ def _reference(logits, seed, temperature, top_k, top_p):
                                    top_p=top_p if top_p < 1 else None, generator=generator)
 
 
-def _fake(logits, seed, temperature, top_k, top_p, backend):
+ERRORS = ("raise", "mark")
+
+
+def _apply_policy(tokens: Tensor, logits: Tensor, greedy: bool) -> Tensor:
+    """``errors="raise"`` on the kernels' -1 marks: a greedy row holding NaN gets the index of its first
+    NaN, as ``torch.argmax`` (NaN compares greater than everything there); a sampled row without a
+    distribution raises ``torch.multinomial``'s error (one host read of a flag; impossible while a
+    CUDA graph is captured)."""
+    bad = tokens < 0
+    if greedy:
+        return torch.where(bad, torch.isnan(logits).to(torch.int8).argmax(-1), tokens)
+    if logits.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("sample_tokens: errors='raise' checks on the host for rows without a distribution, "
+                           "which cannot happen inside a CUDA graph capture; pass errors='mark' there")
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise RuntimeError(f"sample_tokens: probability tensor contains either `inf`, `nan` or element < 0 "
+                           f"(torch.multinomial's error): {len(rows)} row(s) have no distribution -- a NaN or +inf "
+                           f"logit, or every logit -inf -- first row {rows[0]}; pass errors='mark' to get -1 and a "
+                           "flag per row instead")
+    return tokens
+
+
+def _fake(logits, seed, temperature, top_k, top_p, errors, backend):
     return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
 
 @custom_op("sample_tokens", fake=_fake)
-def _sample_op(logits: Tensor, seed: Tensor | None, temperature: float, top_k: int, top_p: float,
+def _sample_op(logits: Tensor, seed: Tensor | None, temperature: float, top_k: int, top_p: float, errors: str,
                backend: str) -> Tensor:
-    return SAMPLE.impl(backend)(logits, seed, temperature, top_k, top_p)
+    tokens = SAMPLE.impl(backend)(logits, seed, temperature, top_k, top_p)
+    return _apply_policy(tokens, logits, temperature == 0) if errors == "raise" else tokens
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor:
@@ -60,7 +90,8 @@ def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor
 
 
 def sample_tokens(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  generator: torch.Generator | None = None, backend: str | None = None) -> Tensor:
+                  generator: torch.Generator | None = None, errors: str = "raise",
+                  backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Draw one token per row of ``logits``: temperature, top-k and top-p filtering and the draw, fused.
 
     ``logits``: (..., V) float16/bfloat16/float32 (float64 on the reference backend); returns int64
@@ -80,8 +111,19 @@ def sample_tokens(logits: Tensor, *, temperature: float = 1.0, top_k: int | None
     * ``generator``: a ``torch.Generator`` on the logits' device, or None for the default one. One
       int64 seed is drawn from it on the device per call, so the same generator state gives the same
       tokens (on the same backend), and a captured CUDA graph draws fresh tokens on each replay.
-    * Rows without a distribution -- holding a NaN or ``+inf``, or all ``-inf`` -- give ``-1``
-      (greedy: ``-1`` for a NaN only); no host sync is spent to check.
+      Under ``torch.compile`` pass None: dynamo cannot trace a ``torch.Generator`` argument (a graph
+      break, as for ``torch.multinomial``'s), while the default generator compiles.
+    * ``errors``: what a row without a distribution gives -- one holding a NaN or ``+inf``, or all
+      ``-inf`` (for greedy: one holding a NaN).
+
+      - ``"raise"`` (default): the behaviour of the ops replaced. Greedy rows follow ``torch.argmax``
+        (a NaN row gives the index of its first NaN; +inf and all -inf rows have ordinary maxima);
+        a sampled row without a distribution raises ``RuntimeError``, as ``torch.multinomial`` does on
+        the CPU (on CUDA it would trip a device-side assert). Checking costs one host read of a flag
+        per sampled call, and cannot run inside a CUDA graph capture.
+      - ``"mark"``: never raises and never syncs: returns ``(tokens, invalid)``, ``invalid`` a bool
+        tensor of the tokens' shape flagging those rows, whose token is ``-1`` (CUDA-graph
+        capturable; check the flags when convenient).
 
     Backends: triton (CUDA; no sort of the vocabulary: the top-k and top-p thresholds are found by
     a 16-way search over the values' order-preserving integer keys, then an inverse-CDF draw with
@@ -91,13 +133,16 @@ def sample_tokens(logits: Tensor, *, temperature: float = 1.0, top_k: int | None
     backends draw different tokens from the same distribution. Not differentiable.
     """
     reference.check_args(logits, temperature, top_k, top_p)
+    if errors not in ERRORS:
+        raise ValueError(f"sample_tokens: errors must be 'raise' or 'mark', got {errors!r}")
     rows = logits.reshape(-1, logits.shape[-1])
     temperature = float(temperature)
     seed = None if temperature == 0 else draw_seed(logits.device, generator)
     k = 0 if top_k is None else int(top_k)
     p = 1.0 if top_p is None else float(top_p)
     chosen = SAMPLE.select(rows, seed, temperature, k, p, backend=backend)
-    return _sample_op(rows, seed, temperature, k, p, chosen).reshape(logits.shape[:-1])
+    tokens = _sample_op(rows, seed, temperature, k, p, errors, chosen).reshape(logits.shape[:-1])
+    return tokens if errors == "raise" else (tokens, tokens < 0)
 
 
 __all__ = ["sample_tokens", "draw_seed"]

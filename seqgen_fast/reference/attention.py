@@ -27,6 +27,22 @@ Two entry points:
   the lengths) are given, then ``B == 1`` and sequence ``b`` is rows ``cu_q[b]:cu_q[b+1]`` of q and
   ``cu_k[b]:cu_k[b+1]`` of k/v. Returns ``out (B, H, L, Ev)`` in q's dtype and ``lse (B, H, L)``
   float32, the natural-log sum of exp of the scaled scores (``-inf`` for a fully masked row).
+
+  The flash-attn features, per sequence of L queries and S keys (:class:`Features`)::
+
+      s[i, j] = scale * q[i] . k[j]
+      s       = softcap * tanh(s / softcap)                       if softcap > 0
+      s       = s - slope[b, h] * |i + S - L - j|                   if alibi (B, H) float32 slopes
+      s[i, j] = -inf unless i + shift - left <= j <= i + shift + right  (the band)
+      P       = softmax(s);  lse = logsumexp(s)
+      out     = (P * keep / (1 - dropout_p)) @ v                    if dropout_p > 0
+
+  where ``shift`` is 0 for ``causal == TOP_LEFT`` and ``S - L`` otherwise (flash-attn's windows are
+  bottom-right aligned), ``left``/``right`` = ``window_left``/``window_right`` with -1 meaning
+  unbounded, and any causal mode sets ``right`` to ``min(right, 0)``. ``keep[b, h, i, j] =
+  u >= dropout_p`` with ``u`` the uniform float of Philox-4x32-10 (Triton's ``tl.rand``) keyed by
+  ``rng = (seed, offset)`` at counter ``offset + ((b H + h) R_q + q_start + i) R_k + k_start + j``,
+  ``R_q``/``R_k`` the row counts of q and k (``L``/``S``, or the packed totals): :func:`dropout_keep`.
 """
 from __future__ import annotations
 
@@ -34,8 +50,10 @@ import torch
 import torch.nn.functional as F
 
 from .._contract import BOTTOM_RIGHT, NONE, TOP_LEFT, attention_output
+from .._contract import AttentionFeatures as Features
 
-__all__ = ["sdpa", "attention_fwd", "attention_bwd", "causal_mask", "BOTTOM_RIGHT", "NONE", "TOP_LEFT"]
+__all__ = ["sdpa", "attention_fwd", "attention_bwd", "causal_mask", "band_mask", "dropout_keep", "philox_uniform",
+           "Features", "BOTTOM_RIGHT", "NONE", "TOP_LEFT"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,68 +109,154 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     return torch.matmul(probs, v).to(query.dtype)
 
 
-def _segments(q, cu_q, cu_k):
-    """(b, q rows, k rows) per sequence: the batch entries, or the packed varlen segments."""
-    if cu_q is None:
-        return [(b, slice(None), slice(None)) for b in range(q.shape[0])]
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    return [(0, slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])) for i in range(len(cq) - 1)]
+_M32 = 0xFFFFFFFF
 
 
-def _probs(q, k, mask, scale, causal):
-    """(probs, lse) of one sequence: q (H, L, E), k (H, S, E) already head-expanded, acc dtype."""
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of the 64-bit product of uint32 values ``a`` (int64 tensor) and ``b``,
+    in int64 arithmetic without overflow (``b`` split in 16-bit halves)."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    x, y = a * b_hi, a * b_lo                   # < 2^48 each
+    return (x + (y >> 16)) >> 16, ((x & 0xFFFF) << 16) + y & _M32
+
+
+def philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """Triton's ``tl.rand(seed, counters)`` for int64 ``counters``, bit for bit: Philox-4x32-10 with
+    key (seed low, seed high word), counter (counter low, counter high, 0, 0), the first output word
+    mapped to [0, 1) as ``uint_to_uniform_float`` does. float32."""
+    c0, c1 = counters & _M32, (counters >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul32(c0, 0xD2511F53)
+        c0, c2, c1, c3 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1, lo_b, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)   # the word as int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def dropout_keep(rng: torch.Tensor, p: float, b: int, heads: int, rows_q: int, rows_k: int, q_rows: range,
+                 k_rows: range, device) -> torch.Tensor:
+    """Boolean keep mask (H, len(q_rows), len(k_rows)) of batch entry ``b`` (module docstring)."""
+    seed, offset = (int(x) for x in rng.tolist())
+    h = torch.arange(heads, dtype=torch.int64)[:, None, None]
+    i = torch.arange(q_rows.start, q_rows.stop, dtype=torch.int64)[None, :, None]
+    j = torch.arange(k_rows.start, k_rows.stop, dtype=torch.int64)[None, None, :]
+    counters = offset + ((b * heads + h) * rows_q + i) * rows_k + j
+    return (philox_uniform(seed, counters) >= p).to(device)
+
+
+def band_mask(L: int, S: int, causal: int, left: int, right: int, device) -> torch.Tensor | None:
+    """Boolean (L, S) mask of the visible band (module docstring), or None when nothing is masked."""
+    if causal == NONE and left < 0 and right < 0:
+        return None
+    shift = 0 if causal == TOP_LEFT else S - L
     if causal != NONE:
-        scores = scores + _bias_from_mask(causal_mask(q.shape[-2], k.shape[-2], causal, q.device), scores.dtype)
+        right = 0 if right < 0 else min(right, 0)
+    i = torch.arange(L, device=device)[:, None] + shift
+    j = torch.arange(S, device=device)[None, :]
+    keep = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+def _scores(q, k, seq, mask, scale, causal, feat: Features):
+    """Scores of one sequence (softcap, ALiBi, band and user mask applied): q (H, L, E), k (H, S, E)
+    already head-expanded, acc dtype."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    L, S = q.shape[-2], k.shape[-2]
+    if feat.softcap > 0:
+        scores = torch.tanh(scores / feat.softcap) * feat.softcap
+    if feat.alibi is not None:
+        dist = (torch.arange(L, device=q.device)[:, None] + S - L - torch.arange(S, device=q.device)[None, :]).abs()
+        scores = scores - feat.alibi[seq].to(scores.dtype)[:, None, None] * dist.to(scores.dtype)
+    band = band_mask(L, S, causal, feat.window_left, feat.window_right, q.device)
+    if band is not None:
+        scores = scores + _bias_from_mask(band, scores.dtype)
     if mask is not None:
         scores = scores + _bias_from_mask(mask, scores.dtype)
-    return _safe_softmax(scores), torch.logsumexp(scores, dim=-1)
+    return scores
+
+
+def _segment_probs(q, k, b, seq, rq: range, rk: range, rows: tuple[int, int], mask, scale, causal,
+                   feat: Features):
+    """(probs, lse, dropout factor ``keep / (1 - p)`` or None) of one sequence (see :func:`_scores`):
+    ``b`` the batch index of the tensors, ``seq`` the sequence's (ALiBi's row), ``rq``/``rk`` its
+    rows, ``rows`` the row counts of q and k."""
+    scores = _scores(q, k, seq, mask, scale, causal, feat)
+    drop = None
+    if feat.dropout_p > 0:
+        keep = dropout_keep(feat.rng, feat.dropout_p, b, q.shape[0], *rows, rq, rk, q.device)
+        drop = keep.to(q.dtype) * (1.0 / (1.0 - feat.dropout_p) if feat.dropout_p < 1 else 0.0)
+    return _safe_softmax(scores), torch.logsumexp(scores, dim=-1), drop
+
+
+def _segments(q, k, cu_q, cu_k):
+    """(b, sequence index, q rows, k rows) per sequence: the batch entries, or the packed varlen
+    segments (then b = 0, the one batch entry of the packed tensors)."""
+    if cu_q is None:
+        return [(b, b, range(q.shape[2]), range(k.shape[2])) for b in range(q.shape[0])]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(0, i, range(cq[i], cq[i + 1]), range(ck[i], ck[i + 1])) for i in range(len(cq) - 1)]
 
 
 def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[-3], dim=-3)
 
 
-def attention_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal):
+def attention_fwd(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, feat: Features = Features()):
     """The op contract's forward (module docstring): returns (out, lse)."""
     acc = _acc_dtype(q.dtype)
     B, H, L, _ = q.shape
     out = attention_output(q, v.shape[-1]).zero_()
     lse = torch.full((B, H, L), float("-inf"), dtype=torch.float32, device=q.device)
-    full_mask = None if mask is None else mask.expand(B, H, L, k.shape[-2])
-    for b, rq, rk in _segments(q, cu_q, cu_k):
-        qs = q[b, :, rq].to(acc)
-        ks = _expand_heads(k[b, :, rk].to(acc), H)
-        vs = _expand_heads(v[b, :, rk].to(acc), H)
-        probs, lse_b = _probs(qs, ks, None if full_mask is None else full_mask[b, :, rq, rk], scale, causal)
-        out[b, :, rq] = torch.matmul(probs, vs).to(q.dtype)
-        lse[b, :, rq] = lse_b.float()
+    for b, seq, rq, rk in _segments(q, k, cu_q, cu_k):
+        sq, sk = slice(rq.start, rq.stop), slice(rk.start, rk.stop)
+        qs, ks, vs = q[b, :, sq].to(acc), _expand_heads(k[b, :, sk].to(acc), H), _expand_heads(v[b, :, sk].to(acc), H)
+        m = None if mask is None else mask.expand(B, H, L, k.shape[-2])[b, :, sq, sk]
+        probs, lse_b, drop = _segment_probs(qs, ks, b, seq, rq, rk, (L, k.shape[2]), m, scale, causal, feat)
+        out[b, :, sq] = torch.matmul(probs if drop is None else probs * drop, vs).to(q.dtype)
+        lse[b, :, sq] = lse_b.float()
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal):
-    """The op contract's backward: (dq, dk, dv) from recomputed probabilities P::
+def attention_bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal,
+                  feat: Features = Features()):
+    """The op contract's backward: (dq, dk, dv) from recomputed probabilities P (and the same dropout
+    keep mask, ``Pd = P keep / (1 - p)``)::
 
-        dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = scale dS K,  dK = scale dS^T Q
+        dV = Pd^T dO,  dP = (dO V^T) keep / (1 - p),  dS = P (dP - rowsum(P dP)),
+        dZ = dS (1 - tanh^2(Z / softcap)) (softcap) or dS,  dQ = scale dZ K,  dK = scale dZ^T Q
 
-    with dK, dV summed over the query heads that share a kv head.
+    (Z the scaled scores before the softcap), with dK, dV summed over the query heads that share a
+    kv head. Written out rather than by autograd: an op's body runs below the autograd key.
     """
     acc = _acc_dtype(q.dtype)
     B, H, L, _ = q.shape
     Hk = k.shape[1]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    full_mask = None if mask is None else mask.expand(B, H, L, k.shape[-2])
-    for b, rq, rk in _segments(q, cu_q, cu_k):
-        qs = q[b, :, rq].to(acc)
-        ks = _expand_heads(k[b, :, rk].to(acc), H)
-        vs = _expand_heads(v[b, :, rk].to(acc), H)
-        do = dout[b, :, rq].to(acc)
-        probs, _ = _probs(qs, ks, None if full_mask is None else full_mask[b, :, rq, rk], scale, causal)
-        delta = (do * out[b, :, rq].to(acc)).sum(-1, keepdim=True)
-        dvs = torch.matmul(probs.transpose(-2, -1), do)
-        ds = probs * (torch.matmul(do, vs.transpose(-2, -1)) - delta)
-        dq[b, :, rq] = (scale * torch.matmul(ds, ks)).to(q.dtype)
+    for b, seq, rq, rk in _segments(q, k, cu_q, cu_k):
+        sq, sk = slice(rq.start, rq.stop), slice(rk.start, rk.stop)
+        qs, ks, vs = q[b, :, sq].to(acc), _expand_heads(k[b, :, sk].to(acc), H), _expand_heads(v[b, :, sk].to(acc), H)
+        m = None if mask is None else mask.expand(B, H, L, k.shape[-2])[b, :, sq, sk]
+        do = dout[b, :, sq].to(acc)
+        probs, _, drop = _segment_probs(qs, ks, b, seq, rq, rk, (L, k.shape[2]), m, scale, causal, feat)
+        dvs = torch.matmul((probs if drop is None else probs * drop).transpose(-2, -1), do)
+        dp = torch.matmul(do, vs.transpose(-2, -1))
+        if drop is not None:
+            dp = dp * drop
+        ds = probs * (dp - (probs * dp).sum(-1, keepdim=True))
+        if feat.softcap > 0:
+            t = torch.tanh(torch.matmul(qs, ks.transpose(-2, -1)) * scale / feat.softcap)
+            ds = ds * (1 - t * t)
+        dq[b, :, sq] = (scale * torch.matmul(ds, ks)).to(q.dtype)
         dks = scale * torch.matmul(ds.transpose(-2, -1), qs)
-        dk[b, :, rk] = dks.unflatten(0, (Hk, H // Hk)).sum(1).to(k.dtype)
-        dv[b, :, rk] = dvs.unflatten(0, (Hk, H // Hk)).sum(1).to(v.dtype)
+        dk[b, :, sk] = dks.unflatten(0, (Hk, H // Hk)).sum(1).to(k.dtype)
+        dv[b, :, sk] = dvs.unflatten(0, (Hk, H // Hk)).sum(1).to(v.dtype)
     return dq, dk, dv

@@ -7,7 +7,9 @@ the JIT would specialise them (16-byte aligned pointers and the listed integers,
 constants), and assert facts about the PTX.
 
 A compile runs in a subprocess (this file as a script, the spec as JSON on stdin): Triton cannot
-compile while its interpreter is on in the test process.
+compile while its interpreter is on in the test process. ``$SEQGEN_FAST_AOT_PYTHON`` names another
+Python to run it with (one with another Triton installed: the GPU machine's 3.6, say), so the same
+checks cover that version. Gluon kernels (``triton.experimental.gluon.jit``) compile the same way.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ def pointers(dtype: str, *names: str) -> dict[str, str]:
 def compile_sm90(module: str, kernel: str, *, types: dict[str, str], constexprs: dict, aligned: tuple = (),
                  unaligned: tuple = (), num_warps: int = 4, num_stages: int = 3) -> dict:
     """Compile ``module.kernel`` for sm_90; return ``{"ptx": str, "shared": bytes of shared memory,
-    "registers": per thread, "spill_bytes": spill stores}`` (the last two from ``ptxas -v``).
+    "registers": per thread, "spill_bytes": spill stores, "sass": the disassembly (empty without
+    cuobjdump), "ptxas_warnings": ptxas's performance notes (such as wgmma serialisation),
+    "triton": the Triton version that compiled it}`` (registers, spills, notes from ``ptxas -v``).
 
     ``types`` gives the Triton type of each runtime argument that is not ``i32`` (pointers as
     ``"*bf16"``...), ``constexprs`` the value of each constexpr (unit strides may be passed as
@@ -41,7 +45,8 @@ def compile_sm90(module: str, kernel: str, *, types: dict[str, str], constexprs:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(spec), env=env,
+    python = os.environ.get("SEQGEN_FAST_AOT_PYTHON") or sys.executable
+    run = subprocess.run([python, os.path.abspath(__file__)], input=json.dumps(spec), env=env,
                          capture_output=True, text=True, timeout=600)
     if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr:
         pytest.skip("no ptxas for Triton's NVIDIA backend")
@@ -66,14 +71,18 @@ def _compile(spec: dict) -> dict:
     aligned = [n for n in names if n not in const and n not in spec["unaligned"]
                and (sig[n].startswith("*") or n in spec["aligned"])]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    compiled = triton.compile(source(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
     ptx = compiled.asm["ptx"]
-    return {"ptx": ptx, "shared": compiled.metadata.shared, **_ptxas_usage(ptx)}
+    return {"ptx": ptx, "shared": compiled.metadata.shared, "triton": triton.__version__, **_ptxas_usage(ptx)}
 
 
 def _ptxas_usage(ptx: str) -> dict:
-    """Registers per thread and spill-store bytes of ``ptx`` as ``ptxas -v`` reports them."""
+    """Registers per thread, spill-store bytes and performance notes of ``ptx`` as ``ptxas -v``
+    reports them, and the SASS (cuobjdump from Triton's NVIDIA backend, when it ships one)."""
     import re
     import tempfile
 
@@ -84,11 +93,17 @@ def _ptxas_usage(ptx: str) -> dict:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        run = subprocess.run([get_ptxas(90).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True, check=True)
+        ptxas = get_ptxas(90).path
+        obj = os.path.join(tmp, "k.o")
+        run = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", obj], capture_output=True, text=True,
+                             check=True)
+        cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+        sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True,
+                              check=True).stdout if os.path.exists(cuobjdump) else ""
     info = run.stdout + run.stderr
     return {"registers": int(re.search(r"Used (\d+) registers", info).group(1)),
-            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1))}
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
+            "ptxas_warnings": re.findall(r"Potential Performance Loss: [^\n]*", info), "sass": sass}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""The differential fuzz suite's vocabulary: hypothesis strategies for shapes, dtypes, layouts and
+values, and the per-dtype error rule every fuzz test judges by (``tests/test_fuzz_*.py``, marker ``fuzz``).
+
+Profiles (registered by ``tests/conftest.py``): ``ci``, the default, runs a fixed budget of
+examples per test, derandomised so CI is repeatable; ``long`` (``pytest -m fuzz --hypothesis-profile
+long``) runs many more, fresh each time. A failure shrinks to a minimal case; each one found becomes
+a named regression test next to the fuzz test that found it.
+
+Values (:data:`KINDS`): ``normal`` N(0, 1); ``huge`` about 1e4 times that (1e30 in float32/64
+would overflow every exp, which is its own kind); ``tiny`` about 1e-4; ``denormal`` subnormal
+numbers of the dtype; ``equal`` every element the same; ``posinf``/``neginf``/``nan`` a normal
+tensor with some elements replaced by that value. Layouts (:data:`LAYOUTS`): contiguous, a
+transposed copy seen through a transpose, a slice of a larger tensor, a broadcast (stride 0) view,
+channels_last (4-d).
+
+The error rule (:func:`assert_matches`): non-finite values sit where the reference's do (NaN where
+NaN, infinities with their sign); the finite rest is compared by relative error norm against the
+float64 reference, under the dtype's bar. For float16/bfloat16 the bar is flash-attn's: at most
+twice the error of torch's own op in the same dtype (plus the dtype's epsilon, for ops torch
+computes exactly), because half precision cannot be held to a fixed bar independent of the op's
+conditioning.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+# 0, 1, primes and powers of two +- 1 (tile edges), up to the CPU interpreter's comfort
+SIZES = (0, 1, 2, 3, 5, 7, 8, 13, 15, 16, 17, 31, 32, 33, 63, 64, 65, 97, 127, 128, 129)
+KINDS = ("normal", "huge", "tiny", "denormal", "equal", "posinf", "neginf", "nan")
+FINITE_KINDS = KINDS[:5]
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded", "channels_last")
+# relative-norm bars against float64 where torch's own op in that dtype is not the yardstick
+REL_BAR = {torch.float64: 1e-10, torch.float32: 3e-5}
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52}
+
+
+def sizes(lo: int = 0, hi: int = 129) -> st.SearchStrategy[int]:
+    return st.sampled_from([s for s in SIZES if lo <= s <= hi])
+
+
+def fill(shape: tuple[int, ...], dtype: torch.dtype, kind: str, seed: int) -> torch.Tensor:
+    """A fresh tensor of ``kind`` values (see the module docstring), drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if kind == "huge":
+        x = x * 1e4
+    elif kind == "tiny":
+        x = x * 1e-4
+    elif kind == "denormal":
+        x = x * torch.finfo(dtype).smallest_normal / 4
+    elif kind == "equal":
+        x = torch.full(shape, float(x.reshape(-1)[0]) if x.numel() else 0.5, dtype=torch.float64)
+    elif kind in ("posinf", "neginf", "nan"):
+        special = {"posinf": math.inf, "neginf": -math.inf, "nan": math.nan}[kind]
+        hit = torch.rand(shape, generator=g) < 0.1
+        if x.numel():
+            hit.reshape(-1)[torch.randint(0, x.numel(), (1,), generator=g)] = True  # at least one
+        x = x.masked_fill(hit, special)
+    return x.to(dtype)
+
+
+def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` seen through ``layout``: a view of fresh storage, never ``x`` itself. ``expanded``
+    broadcasts x's first row over dim 0 (stride 0), so its values are that row's: compute references
+    from the returned tensor."""
+    if layout == "transposed" and x.dim() >= 2:
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "sliced" and x.dim() >= 1:
+        big = x.new_empty(*x.shape[:-1], 2 * x.shape[-1] + 1).fill_(float("nan"))
+        big[..., 1::2] = x
+        return big[..., 1::2]
+    if layout == "expanded" and x.dim() >= 1 and x.shape[0] >= 1:
+        return x[:1].clone().expand_as(x)
+    if layout == "channels_last" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.clone()
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """||ours - ref|| / ||ref|| over the finite elements, in float64 (0 when both are empty)."""
+    a, b = ours.detach().double().cpu(), ref.detach().double().cpu()
+    finite = torch.isfinite(b)
+    a, b = a[finite], b[finite]
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_matches(ours: torch.Tensor, ref64: torch.Tensor, *, theirs: torch.Tensor | None = None,
+                   what: str = "output") -> None:
+    """``ours`` (any dtype) against the float64 reference ``ref64`` under the error rule of the module
+    docstring; ``theirs`` is torch's own op in ``ours``' dtype (the yardstick for half precision)."""
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
+    a, b = ours.detach().double().cpu(), ref64.detach().double().cpu()
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{what}: NaN at other places than the reference's"
+    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
+    assert torch.equal(inf_a, inf_b) and torch.equal(a[inf_a], b[inf_b]), f"{what}: infinities differ"
+    err = rel_err(a, b)
+    if ours.dtype in REL_BAR:
+        bar = REL_BAR[ours.dtype]
+    else:
+        assert theirs is not None, f"{what}: a {ours.dtype} comparison needs torch's own result in that dtype"
+        bar = 2 * rel_err(theirs, b) + EPS[ours.dtype]
+    assert err <= bar, f"{what}: relative error {err:.3e} > {bar:.3e} ({ours.dtype})"
