@@ -55,13 +55,36 @@ __device__ __forceinline__ float to_uniform(uint32_t w) {
   return x * 4.6566127342e-10f;
 }
 
-// Four normals for counter (group, b, offset, 0).
+// max(v, lo) by comparison (nvcc compiles it to the NaN-propagating FMNMX.NAN), as every clamp of this
+// file: tests/test_fast_math_diffusion.py asserts the SASS holds no NaN-dropping FMNMX (fmaxf's).
+__device__ __forceinline__ float at_least(float v, float lo) { return v < lo ? lo : v; }
+
+// c v, but 0 where the coefficient is -0.0, a term the scheduler's formula does not have
+// (seqgen_fast.reference.diffusion.times: the same rule), so an inf in v does not become 0 * inf = NaN
+// where diffusers never forms that product. A +0.0 coefficient multiplies, as diffusers does.
+__device__ __forceinline__ float term(float c, float v) { return c == 0.0f && signbit(c) ? 0.0f : c * v; }
+
+// Four normals for counter (group, b, offset, 0): Box-Muller, z = sqrt(-2 ln u0) (cos, sin)(2 pi u1).
+// Fast-math accounting (setup.py: --use_fast_math; the sweep is tests/test_fast_math_diffusion.py):
+//   logf    -> __logf = lg2.approx.ftz.f32 * ln 2: documented 2^-22.6 absolute error in log2 (PTX ISA),
+//              u0 in [1e-7, 1]. Near u0 = 1 that bound exceeds -log2(u0) itself, so -2 ln u0 is clamped
+//              at 0 before the root (else a NaN normal).
+//   sincosf -> __sinf / __cosf = sin/cos.approx.ftz.f32: documented 2^-20.5 absolute on [-100 pi, 100 pi];
+//              the kernel feeds [0, 2 pi].
+//   sqrtf   -> sqrt.approx.ftz.f32 (-prec-sqrt=false): documented 2^-23 relative.
+// Measured worst case of a normal at those bounds over the inputs the kernel can feed (the sweep):
+// 4.4e-6 absolute where r = sqrt(-2 ln u0) >= 0.1; up to 3.5e-4 absolute where r < 0.1 (u0 > 0.995,
+// 0.5% of pairs: the log's absolute bound over 2r), where the normal itself is below 0.1; 1.3e-6
+// relative norm over uniform draws. The step's noise term is c[6] z, against the dtype's relative-norm
+// tolerance (3e-5 in fp32).
+// Every other value of the step is fp32 FMA arithmetic (no approximation; FTZ of subnormal fp32
+// intermediates); NaN / inf propagate as in the reference: the clamps below are comparisons.
 __device__ __forceinline__ float4 normals4(const Params& p, uint32_t offset, uint32_t group, uint32_t b) {
   const uint4 r = philox(make_uint4(group, b, offset, 0u), static_cast<uint32_t>(p.seed),
                          static_cast<uint32_t>(p.seed >> 32));
   float4 z;
-  const float u0 = fmaxf(to_uniform(r.x), 1e-7f), u2 = fmaxf(to_uniform(r.z), 1e-7f);
-  const float ra = sqrtf(-2.0f * logf(u0)), rb = sqrtf(-2.0f * logf(u2));
+  const float u0 = at_least(to_uniform(r.x), 1e-7f), u2 = at_least(to_uniform(r.z), 1e-7f);
+  const float ra = sqrtf(at_least(-2.0f * logf(u0), 0.0f)), rb = sqrtf(at_least(-2.0f * logf(u2), 0.0f));
   float s, c;
   sincosf(6.283185307179586f * to_uniform(r.y), &s, &c);
   z.x = ra * c;
@@ -184,16 +207,16 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Params p) {
   Pack<T, PACK> op, xo;
 #pragma unroll
   for (int i = 0; i < PACK; ++i) {
-    const float xi = xv[i] + c[7] * nv[i];
-    float x0 = c[0] * xi + c[1] * mv[i];
+    const float xi = xv[i] + term(c[7], nv[i]);
+    float x0 = term(c[0], xi) + term(c[1], mv[i]);
     // comparisons, not fminf/fmaxf: those drop a NaN operand, and a NaN row (key outside the table)
     // must give a NaN x0 as in the reference, not +-clip_range
     if (p.x0_mode == 1) x0 = x0 < -p.clip_range ? -p.clip_range : x0 > p.clip_range ? p.clip_range : x0;
     else if (p.x0_mode == 2) x0 = (x0 < -thr ? -thr : x0 > thr ? thr : x0) / thr;
-    float o = c[2] * xi + c[3] * x0 + c[4] * mv[i];
-    if (p.noise_mode != 0) o += c[6] * nv[i];
+    float o = term(c[2], xi) + term(c[3], x0) + term(c[4], mv[i]);
+    if (p.noise_mode != 0) o += term(c[6], nv[i]);
     op.v[i] = from_float<T>(o);
-    xo.v[i] = from_float<T>(aux_x * xi + aux_x0 * x0);
+    xo.v[i] = from_float<T>(term(aux_x, xi) + term(aux_x0, x0));
   }
   if (VEC) {
     *reinterpret_cast<Pack<T, PACK>*>(out + first) = op;

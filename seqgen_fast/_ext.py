@@ -29,11 +29,6 @@ def device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
-def stream_of(t: torch.Tensor) -> int:
-    """The current torch CUDA stream of ``t``'s device, as an integer handle."""
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
 def ptr(t: torch.Tensor | None) -> int:
     """Device address of ``t`` (0 for None)."""
     return 0 if t is None else t.data_ptr()

@@ -14,6 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import seqgen_fast
 from seqgen_fast import functional as F
 from seqgen_fast import nn
+from seqgen_fast.integrations import flash_attn
 
 STEPS = 20
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -109,9 +110,71 @@ def _sample(device, train):
     return lambda step: F.sample_tokens(logits, top_k=5, top_p=0.9, errors="mark")[0]
 
 
+def _rotary(device, train):
+    q = torch.randn(STEPS, 2, 7, 4, 16, device=device, requires_grad=train)
+    k = torch.randn(2, 7, 2, 16, device=device)
+    angle = torch.arange(40, device=device)[:, None] * torch.rand(8, device=device)[None, :]
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    pos = torch.arange(7, device=device) + torch.arange(STEPS, device=device)[:, None]  # the positions move on
+    return lambda step: F.rotary_embedding(q[step], k, cos, sin, position_ids=pos[step])[0]
+
+
+# seqgen_fast.integrations.flash_attn: flash-attn's functions, each over inputs that change per step
+def _fa_dense(device, train):
+    q = torch.randn(STEPS, 2, 9, 4, 16, device=device, requires_grad=train)
+    return lambda step: flash_attn.flash_attn_func(q[step], q[step], q[step], causal=True)
+
+
+def _fa_qkvpacked(device, train):
+    qkv = torch.randn(STEPS, 2, 9, 3, 4, 16, device=device, requires_grad=train)
+    return lambda step: flash_attn.flash_attn_qkvpacked_func(qkv[step], causal=True)
+
+
+def _fa_kvpacked(device, train):
+    q = torch.randn(STEPS, 2, 9, 4, 16, device=device, requires_grad=train)
+    kv = torch.randn(2, 11, 2, 2, 16, device=device)
+    return lambda step: flash_attn.flash_attn_kvpacked_func(q[step], kv)
+
+
+def _offsets(device):
+    return torch.tensor([[0, 1 + s % 11, 12] for s in range(STEPS)], dtype=torch.int32, device=device)
+
+
+def _fa_varlen(device, train):
+    q, cus = torch.randn(12, 4, 16, device=device, requires_grad=train), _offsets(device)
+    return lambda step: flash_attn.flash_attn_varlen_func(q, q, q, cus[step], cus[step], 12, 12, causal=True)
+
+
+def _fa_varlen_qkvpacked(device, train):
+    qkv, cus = torch.randn(12, 3, 4, 16, device=device, requires_grad=train), _offsets(device)
+    return lambda step: flash_attn.flash_attn_varlen_qkvpacked_func(qkv, cus[step], 12, causal=True)
+
+
+def _fa_varlen_kvpacked(device, train):
+    q, kv, cus = torch.randn(12, 4, 16, device=device, requires_grad=train), torch.randn(12, 2, 2, 16, device=device), \
+        _offsets(device)
+    return lambda step: flash_attn.flash_attn_varlen_kvpacked_func(q, kv, cus[step], cus[step], 12, 12)
+
+
+def _kvcache_paged(device, train):
+    """flash_attn_with_kvcache over a paged cache: one new token appended per step, the lengths growing."""
+    q, new = torch.randn(STEPS, 2, 1, 4, 16, device=device), torch.randn(STEPS, 2, 1, 2, 16, device=device)
+    k_cache, v_cache = torch.randn(12, 8, 2, 16, device=device), torch.randn(12, 8, 2, 16, device=device)
+    table = torch.randperm(12, device=device, dtype=torch.int32)[:8].reshape(2, 4)
+    lens = torch.tensor([[s, 2 * s % 31] for s in range(STEPS)], dtype=torch.int32, device=device)
+    return lambda step: flash_attn.flash_attn_with_kvcache(q[step], k_cache, v_cache, new[step], new[step],
+                                                           cache_seqlens=lens[step], block_table=table, causal=True)
+
+
 CASES = {"lstm": _lstm, "lstm_cell": _lstm_cell, "gru": _gru, "gru_cell": _gru_cell, "mha": _mha, "sdpa": _sdpa,
-         "flash_varlen": _flash_varlen, "decode": _decode, "sample_tokens": _sample}
-TRAINABLE = {"lstm", "lstm_cell", "gru", "gru_cell", "mha", "sdpa", "flash_varlen"}
+         "flash_varlen": _flash_varlen, "decode": _decode, "sample_tokens": _sample, "rotary_embedding": _rotary,
+         "flash_attn_func": _fa_dense, "flash_attn_qkvpacked_func": _fa_qkvpacked,
+         "flash_attn_kvpacked_func": _fa_kvpacked, "flash_attn_varlen_func": _fa_varlen,
+         "flash_attn_varlen_qkvpacked_func": _fa_varlen_qkvpacked,
+         "flash_attn_varlen_kvpacked_func": _fa_varlen_kvpacked, "flash_attn_with_kvcache paged": _kvcache_paged}
+TRAINABLE = {"lstm", "lstm_cell", "gru", "gru_cell", "mha", "sdpa", "flash_varlen", "rotary_embedding",
+             "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
+             "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"}
 
 
 def _available(name):
@@ -135,3 +198,27 @@ def test_the_backend_choice_is_made_at_trace_time_and_honours_forcing():
     with seqgen_fast.use_backend("reference"):
         got = torch.compile(lambda x: F.scaled_dot_product_attention(x, x, x), fullgraph=True, backend="aot_eager")(q)
     torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, q, q))
+
+
+SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+              "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
+              "FlowMatchEulerDiscreteScheduler"]
+
+
+@pytest.mark.xfail(strict=True, raises=(torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError),
+                   reason="open (diffusion family): the fused step decides on the host -- FastScheduler._sf's "
+                          "object.__getattribute__, coefficient tables built with numpy at the first step, "
+                          "_integer_timestep's comparisons of the timestep's value, diffusers' index_for_timestep -- "
+                          "each a graph break under fullgraph")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", SCHEDULERS)
+def test_fused_scheduler_step_compiles_fullgraph_without_recompiling(cls, device):
+    diffusers = pytest.importorskip("diffusers")
+    from seqgen_fast.diffusion import fast_scheduler
+
+    fs = fast_scheduler(getattr(diffusers, cls)())
+    fs.set_timesteps(STEPS, device=device)
+    x = torch.randn(2, 4, 5, 3, device=device)
+    mo = torch.randn(STEPS, 2, 4, 5, 3, device=device)
+    frames = _run(lambda step: fs.step(mo[step], fs.timesteps[step], x).prev_sample, STEPS, device)
+    assert frames <= 2, f"{cls}: {frames} compiled frames over {STEPS} steps"

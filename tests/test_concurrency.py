@@ -1,8 +1,12 @@
-"""Thread and process safety: backend forcing is per thread; importing seqgen_fast and running it on
-the CPU never touches the CUDA context, so forked dataloader workers that use it stay safe."""
+"""Thread and process safety: backend forcing is per thread; the tuning cache is safe under concurrent
+first use; importing seqgen_fast and running it on the CPU never touches the CUDA context, so forked
+dataloader workers that use it stay safe."""
+import collections
+import json
 import subprocess
 import sys
 import threading
+import time
 
 import torch
 
@@ -78,3 +82,48 @@ def test_public_namespace_imports_without_optional_packages():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert set(seqgen_fast.functional.__all__) <= set(eval(out.stdout.strip()))
+
+
+def test_tuning_cache_under_concurrent_first_use(monkeypatch, tmp_path):
+    """Eight threads ask one Tuner for configs at once, nothing remembered yet (four keys, two threads
+    each): each key is benchmarked once, no two benchmarks overlap (they would time each other), every
+    thread gets its key's winner, and the disk cache ends as valid JSON holding every key."""
+    from seqgen_fast.kernels import _tuning
+
+    monkeypatch.setenv("SEQGEN_FAST_TUNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(_tuning, "interpret_mode", lambda: False)
+    monkeypatch.setattr(_tuning, "_gpu_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(_tuning, "tuning_allowed", lambda device, tune: tune)
+    runs, running, lock = collections.Counter(), [0, 0], threading.Lock()  # running: now, most at once
+
+    def benchmark(self, key, run):
+        with lock:
+            runs[key] += 1
+            running[0] += 1
+            running[1] = max(running)
+        time.sleep(0.05)  # every thread arrives while the first benchmarks run
+        with lock:
+            running[0] -= 1
+        return _tuning.Config(64, 16 * (key[0] + 1), 4, 2)
+
+    monkeypatch.setattr(_tuning.Tuner, "_benchmark", benchmark)
+    tuner = _tuning.Tuner("fake_kernel", candidates=lambda key: [], default=lambda key: _tuning.Config(16, 16, 1, 1),
+                          shipped={})
+    keys = [(i % 4,) for i in range(8)]
+    start, got = threading.Barrier(len(keys)), {}
+
+    def worker(i):
+        start.wait()
+        got[i] = tuner.config(torch.device("cuda"), keys[i], run=lambda cfg: None, tune=True)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(keys))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {i: _tuning.Config(64, 16 * (k[0] + 1), 4, 2) for i, k in enumerate(keys)}
+    assert runs == {k: 1 for k in set(keys)}, f"benchmarks per key: {dict(runs)}"
+    assert running[1] == 1, f"{running[1]} benchmarks ran at once"
+    with open(_tuning._file_for("Fake GPU")) as f:
+        on_disk = json.load(f)
+    assert sorted(on_disk) == sorted(_tuning._key_text("fake_kernel", k) for k in set(keys))

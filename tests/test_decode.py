@@ -24,7 +24,7 @@ from seqgen_fast.integrations.flash_attn import flash_attn_with_kvcache
 from seqgen_fast.kernels import decode as kernel
 from seqgen_fast.ops import decode as ops
 from seqgen_fast.reference import decode as reference
-from support.aot import compile_sm90, pointers
+from support.aot import compile_sm90, pointers, sass_loops
 from support.utils import TOL, assert_close_rel, poison, rel_err
 
 
@@ -659,17 +659,9 @@ def key_loop(sass: str) -> str:
     """The SASS of the kernel's key loop: the innermost loop (a backward branch) with tensor-core
     (HMMA) or FMA (fp32) dots that waits on a TMA mbarrier (SYNCS.PHASECHK) or on cp.async groups
     (LDGSTS + DEPBAR)."""
-    lines = sass.splitlines()
-    at = [int(m.group(1), 16) if (m := re.search(r"/\*([0-9a-f]{4,})\*/", line)) else None for line in lines]
-    loops = []
-    for i, line in enumerate(lines):
-        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", line)
-        if m and at[i] is not None and int(m.group(1), 16) < at[i]:
-            j = next(k for k, a in enumerate(at) if a is not None and a >= int(m.group(1), 16))
-            body = "\n".join(lines[j:i + 1])
-            waits = "SYNCS.PHASECHK" in body or ("LDGSTS" in body and "DEPBAR" in body)
-            if waits and re.search(r"\b(HMMA|FFMA)", body):
-                loops.append(body)
+    loops = [body for _, _, body in sass_loops(sass)
+             if ("SYNCS.PHASECHK" in body or ("LDGSTS" in body and "DEPBAR" in body))
+             and re.search(r"\b(HMMA|FFMA)", body)]
     return min(loops, key=len)
 
 
@@ -889,3 +881,18 @@ def test_gpu_bench_shapes(batch, hq, hkv, s, page):
                                          for n, t in args.items()})
     assert_close_rel(out, ref, TOL[torch.bfloat16])
 
+
+
+VARIANTS_NAN = [dict(page_size=256), dict(page_size=16), dict(page_size=0, dtype="fp32", rotary=64)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS_NAN, ids=["tma_paged", "portable_paged", "fp32"])
+def test_compiled_running_max_keeps_nan(variant):
+    """The non-finite policy when compiled: the key loop's online softmax and the split merge take their
+    float maxima with the NaN-keeping ``max.NaN.f32`` (SASS ``FMNMX.NAN``), never the NaN-dropping
+    ``max.f32`` that ``tl.maximum``/``tl.max`` lower to by default."""
+    from support.aot import float_max_forms
+
+    forms = float_max_forms(_sm90_facts(**variant))
+    assert forms["nan_ptx"] > 0 and forms["drop_ptx"] == 0, forms
+    assert forms["drop_sass"] == 0, forms

@@ -25,6 +25,7 @@ from seqgen_fast.ops import gru as ops
 from seqgen_fast.ops._library import registered_ops
 from seqgen_fast.reference import gru as ref_gru
 
+from support import sass
 from support.aot import compile_sm90, pointers
 from support.utils import TOL, assert_close_rel, poison, rel_err
 
@@ -326,6 +327,7 @@ def test_kernels_compile_for_sm90_without_spills(case, dt):
     assert facts["spill_bytes"] == 0, facts["registers"]
     for v in vectors:
         assert v in facts["ptx"], v
+    assert not sass.NAN_DROPPING_PTX.search(facts["ptx"]), "a NaN-dropping min/max: NaN would not propagate"
 
 
 # ----------------------------------------------------------------------------------------------

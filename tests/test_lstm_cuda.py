@@ -19,7 +19,6 @@ beforehand, TF32 on and off, the cell step replayed from a CUDA graph, torch.com
 import ctypes
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest

@@ -152,7 +152,7 @@ class FastScheduler:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(f"{type(self).__name__}.step: a coefficient table is built inside a CUDA-graph "
                                    "capture; run the loop once eagerly first (seqgen_fast.diffusion.sample does)")
-            rows = build()
+            rows = tables.mark_absent(build())
             sched = None
             if schedule:
                 sched = torch.as_tensor(tables.host(self.timesteps), dtype=torch.float32).to(device)

@@ -24,6 +24,19 @@ def host(t) -> np.ndarray:
     return np.asarray(torch.as_tensor(t).detach().cpu().to(torch.float64).numpy(), dtype=np.float64)
 
 
+def mark_absent(rows: np.ndarray) -> np.ndarray:
+    """``rows`` with the terms the scheduler's formula does not have marked: a column that is 0 in every
+    row (NaN rows, timesteps off the schedule, aside) has its zeros made -0.0, every other zero +0.0.
+    The step skips a -0.0 term (``reference.diffusion.times``), so an inf in its value does not become
+    0 * inf = NaN where diffusers never forms that product, while a +0.0 coefficient (a term diffusers
+    computes, e.g. DDPM's sample term at t = 0) multiplies as in diffusers: 0 * inf is NaN there too."""
+    rows = rows + 0.0  # -0.0 -> +0.0
+    zero = rows == 0
+    absent = (zero | np.isnan(rows)).all(axis=0) & zero.any(axis=0)
+    rows[zero & absent] = -0.0
+    return rows
+
+
 def blank(n: int) -> np.ndarray:
     """n rows of the identity step skeleton: the current sample is x, pred_original_sample is x0c."""
     rows = np.zeros((n, NCOEF))

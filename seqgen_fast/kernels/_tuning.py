@@ -26,6 +26,8 @@ import triton
 
 from .._backend import interpret_mode
 
+_TUNING = threading.Lock()  # serialises first lookups and benchmarks (timings of concurrent runs would be wrong too)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -107,7 +109,7 @@ class Tuner:
             except (OSError, ValueError):
                 data = {}
             data[text] = cfg.as_list()
-            tmp = f"{path}.{os.getpid()}.tmp"
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # a writer's own file
             with open(tmp, "w") as f:
                 json.dump(data, f, indent=0, sort_keys=True)
             os.replace(tmp, path)
@@ -126,14 +128,19 @@ class Tuner:
         if cfg is not None:
             return cfg
         text = _key_text(self.kernel, key)
-        cfg = self._remembered(gpu, text)
-        if cfg is None and run is not None and tuning_allowed(device, tune):
-            cfg = self._benchmark(key, run)
-            self._persist(gpu, text, cfg)
-        if cfg is None:
-            return self.default(key)  # not remembered: later eager calls may still tune
-        with self._lock:
-            self._memory[full] = cfg
+        with _TUNING:  # one thread looks up (and maybe benchmarks) a key; the others then find it in memory
+            with self._lock:
+                cfg = self._memory.get(full)
+            if cfg is not None:
+                return cfg
+            cfg = self._remembered(gpu, text)
+            if cfg is None and run is not None and tuning_allowed(device, tune):
+                cfg = self._benchmark(key, run)
+                self._persist(gpu, text, cfg)
+            if cfg is None:
+                return self.default(key)  # not remembered: later eager calls may still tune
+            with self._lock:
+                self._memory[full] = cfg
         return cfg
 
     def _benchmark(self, key: tuple, run: Callable[[Config], None]) -> Config:

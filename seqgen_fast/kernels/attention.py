@@ -19,7 +19,9 @@ keeping the running row max ``m``, sum ``l`` and unnormalised output ``acc``::
     m' = max(m, rowmax(s));  p = 2^(s - m');  l = l 2^(m - m') + rowsum(p);  acc = acc 2^(m - m') + (p keep / (1-p_drop)) v
 
 then ``out = acc / l`` and ``lse = (m + log2 l) ln 2``; a row with no visible key gets ``out = 0``,
-``lse = -inf``. The key range of a query block is split in three: blocks crossing the band's left
+``lse = -inf``. ``max`` is NaN-keeping (``attention_tiles.nan_max`` / ``row_max``: ``max.NaN.f32``)
+so compiled kernels follow the non-finite policy of ``seqgen_fast.ops.attention`` as the
+interpreter does. The key range of a query block is split in three: blocks crossing the band's left
 edge (masked), blocks wholly inside the band (no masking arithmetic), blocks crossing its right edge
 or the key tail (masked); blocks outside the band are never visited, so a sliding window costs
 time proportional to the window. Tiles run in a persistent loop ordered longest first (query

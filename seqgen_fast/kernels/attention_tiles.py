@@ -20,8 +20,9 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def nan_max(a, b):
-    """max(a, b) that returns NaN when either is NaN (PTX ``max.NaN.f32``, SASS ``FMNMX.NAN``:
-    the same single instruction as the NaN-dropping ``max.f32`` that ``tl.maximum`` lowers to)."""
+    """max(a, b) that returns NaN when either is NaN: PTX ``max.NaN.f32``, SASS ``FMNMX.NAN`` -- the
+    instruction ``tl.maximum`` lowers to by default (``max.f32``/``FMNMX``, which returns the other
+    operand of a NaN) with its NaN modifier."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 

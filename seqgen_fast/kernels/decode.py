@@ -5,7 +5,9 @@ The math, the layouts and every clamp are those of ``seqgen_fast.reference.decod
 or paged (num_pages, P, Hkv, D) cache, any strides; new keys/values (B, Lk, Hkv, D) appended in
 place at logical rows ``cache_seqlens[b] + j``; rotary tables (S_ro, R/2); causal (bottom-right) or
 sliding-window masks, softcap, ALiBi, an optional (B, Lq or 1, S) key mask; ``out`` (B, Lq, Hq, D)
-and ``lse`` (B, Hq, Lq) float32, natural log (``+inf`` for a row that sees no key).
+and ``lse`` (B, Hq, Lq) float32, natural log (``+inf`` for a row that sees no key). Non-finite
+values: the policy of ``seqgen_fast.ops.attention``; the running maxima of the online softmax and of
+the merge keep NaN when compiled (``attention_tiles.nan_max`` / ``row_max``).
 
 **Rows.** A row is ``BLOCK_M`` query rows of one kv head ``h`` of one sequence ``b``: row ``r`` is
 query token ``r // g`` of head ``h * g + r % g`` (``g = Hq / Hkv``), so the GQA group and the
@@ -417,7 +419,7 @@ def _kvcache_kernel(
                 m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, DOT_PRECISION)
 
         # ---- output: directly (the whole row is here), or a partial + the last contributor's merge ----
-        seen = l_i > 0
+        seen = l_i != 0  # NaN (a NaN score or value) is seen: its lse stays NaN
         out = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key has acc = 0: writes 0
         lse2 = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         if (seg_lo == 0) & (seg_hi == units):
@@ -487,7 +489,7 @@ def _merge(OPART, LPART, O, LSE, b, h, mblock, n_rows, p_first, n_parts, r_start
         o = o * scale + tl.sum(w[:, None] * parts, axis=0)
         m = m_new
         row = mblock * BLOCK_M + r + tl.zeros([1], tl.int32)  # one-row vectors for _store_rows
-        seen = den > 0
+        seen = den != 0
         lse2 = tl.where(seen, m + tl.log2(tl.where(seen, den, 1.0)), float("-inf")) + tl.zeros([1], tl.float32)
         last = tl.full([1], 1, tl.int1) & (k == chunks - 1)  # the row's last chunk: write the row
         _store_rows(O, LSE, b, row // GROUP, h * GROUP + row % GROUP, last, (o / tl.where(seen, den, 1.0))[None, :],

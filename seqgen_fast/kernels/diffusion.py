@@ -94,6 +94,13 @@ def _ld(ptr, off, mask):
 
 
 @triton.jit
+def _term(c, v):
+    """c v, but 0 where the coefficient is -0.0, a term the scheduler's formula does not have
+    (``reference.diffusion.times``: the same rule)."""
+    return tl.where((c == 0) & (c.to(tl.int32, bitcast=True) < 0), 0.0, c * v)
+
+
+@triton.jit
 def _quarter(x_ptr, u_ptr, k_ptr, v_ptr, l_ptr, h1_ptr, h2_ptr, h3_ptr, n_ptr, out_ptr, aux_ptr, conv_ptr, xs_ptr,
              geo_ptr, b64, sx, su, sk, sv, sl, sh1, sh2, sh3, sn, N, p, nq, cf, g, ms, thr, clip_range,
              CFG: tl.constexpr, X0_MODE: tl.constexpr, NOISE: tl.constexpr, VAR: tl.constexpr,
@@ -109,9 +116,11 @@ def _quarter(x_ptr, u_ptr, k_ptr, v_ptr, l_ptr, h1_ptr, h2_ptr, h3_ptr, n_ptr, o
         n = _ld(n_ptr, _offset(geo_ptr, 8, b64 * sn, p, STRIDED), mask)
     else:
         n = nq
-    if NOISE != 0:
+    if NOISE == 1:  # a given noise may hold an inf; the in-kernel normals are finite (plain products)
+        x = x + _term(cf[_CPN], n)
+    elif NOISE == 2:
         x = x + cf[_CPN] * n
-    x0 = cf[_X0X] * x + cf[_X0M] * m
+    x0 = _term(cf[_X0X], x) + _term(cf[_X0M], m)
     # clamps by comparison, so a NaN x0 stays NaN as in the reference (tl.minimum/maximum drop NaN on GPUs)
     if X0_MODE == 1:
         x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))
@@ -128,24 +137,27 @@ def _quarter(x_ptr, u_ptr, k_ptr, v_ptr, l_ptr, h1_ptr, h2_ptr, h3_ptr, n_ptr, o
         h3 = _ld(h3_ptr, _offset(geo_ptr, 7, b64 * sh3, p, STRIDED), mask)
     conv = 0.0
     if CONV:
-        conv = cf[_CX] * x + cf[_CX0] * x0 + cf[_CM] * m
+        conv = _term(cf[_CX], x) + _term(cf[_CX0], x0) + _term(cf[_CM], m)
     xs = x
     if LAST:
         last = _ld(l_ptr, _offset(geo_ptr, 4, b64 * sl, p, STRIDED), mask)
-        xs = cf[_SX] * x + cf[_SL] * last + cf[_SC] * conv
+        xs = _term(cf[_SX], x) + _term(cf[_SL], last) + _term(cf[_SC], conv)
         if NHIST >= 1:
-            xs += cf[_SH1] * h1
+            xs += _term(cf[_SH1], h1)
         if NHIST >= 2:
-            xs += cf[_SH2] * h2
+            xs += _term(cf[_SH2], h2)
         if NHIST >= 3:
-            xs += cf[_SH3] * h3
-    out = cf[_AX] * xs + cf[_A0] * x0 + cf[_AM] * m
+            xs += _term(cf[_SH3], h3)
+    o = b64 * N + p
+    if AUX:  # stored before out is formed: its value is not live across out's terms
+        tl.store(aux_ptr + o, (_term(cf[_DX], xs) + _term(cf[_D0], x0)).to(aux_ptr.dtype.element_ty), mask=mask)
+    out = _term(cf[_AX], xs) + _term(cf[_A0], x0) + _term(cf[_AM], m)
     if CONV:
-        out += cf[_AC] * conv
+        out += _term(cf[_AC], conv)
     if NHIST >= 1:
-        out += cf[_AH] * h1
+        out += _term(cf[_AH], h1)
     if NHIST >= 2:
-        out += cf[_AH2] * h2
+        out += _term(cf[_AH2], h2)
     if NOISE != 0:
         an = cf[_AN]
         if VAR == 1:
@@ -153,11 +165,8 @@ def _quarter(x_ptr, u_ptr, k_ptr, v_ptr, l_ptr, h1_ptr, h2_ptr, h3_ptr, n_ptr, o
         elif VAR == 2:
             an = tl.where(an != 0, an * tl.exp(cf[_VARP] + cf[_VARQ] * _ld(v_ptr, _offset(geo_ptr, 3, b64 * sv, p,
                                                                                            STRIDED), mask)), 0.0)
-        out += an * n
-    o = b64 * N + p
+        out += _term(an, n) if NOISE == 1 else an * n
     tl.store(out_ptr + o, out.to(out_ptr.dtype.element_ty), mask=mask)
-    if AUX:
-        tl.store(aux_ptr + o, (cf[_DX] * xs + cf[_D0] * x0).to(aux_ptr.dtype.element_ty), mask=mask)
     if CONV:
         tl.store(conv_ptr + o, conv.to(conv_ptr.dtype.element_ty), mask=mask)
     if XS:

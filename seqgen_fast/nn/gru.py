@@ -15,10 +15,9 @@ refuses to trace instances of ``torch.nn.RNN``/``GRU``/``LSTM`` (unless the glob
 from __future__ import annotations
 
 import torch
-from torch.nn.utils.rnn import PackedSequence
 
 from ..ops.gru import gru, gru_cell
-from .lstm import _share_parameters
+from ._recurrent import SequenceInput, share_parameters
 
 __all__ = ["GRU", "GRUCell"]
 
@@ -45,42 +44,23 @@ class GRU(torch.nn.RNNBase):
             raise TypeError(f"GRU.from_torch: expected a torch.nn.GRU, got {type(m).__name__}")
         new = cls(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first, m.dropout, m.bidirectional,
                   device="meta", dtype=m.weight_ih_l0.dtype)
-        _share_parameters(new, m)
+        share_parameters(new, m)
         new._init_flat_weights()
         return new
 
     def forward(self, input, hx=None):
-        packed = isinstance(input, PackedSequence)
-        batch_sizes = sorted_indices = unsorted_indices = None
-        is_batched = True
-        batch_dim = 0 if self.batch_first else 1
-        if packed:
-            input, batch_sizes, sorted_indices, unsorted_indices = input
-        else:
-            if input.dim() not in (2, 3):
-                raise ValueError(f"GRU: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            is_batched = input.dim() == 3
-            if hx is not None and hx.dim() != (3 if is_batched else 2):
-                raise RuntimeError(f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, hx should also "
-                                   f"be {3 if is_batched else 2}-D but got {hx.dim()}-D tensor")
-            if not is_batched:
-                input = input.unsqueeze(batch_dim)
-                hx = hx.unsqueeze(1) if hx is not None else None
+        seq = SequenceInput.of(self, input)
         if hx is None:
-            self.check_input(input, batch_sizes)
+            self.check_input(seq.data, seq.batch_sizes)
         else:
-            hx = self.permute_hidden(hx, sorted_indices)
-            self.check_forward_args(input, hx, batch_sizes)
+            (hx,) = seq.batched_states((hx,), "hx")
+            self.check_forward_args(seq.data, hx, seq.batch_sizes)
+            hx = self.permute_hidden(hx, seq.sorted_indices)
         weights = [getattr(self, name) for name in self._flat_weights_names]  # the current Parameters
-        output, h_n = gru(input, hx, weights, num_layers=self.num_layers, bias=self.bias,
+        output, h_n = gru(seq.data, hx, weights, num_layers=self.num_layers, bias=self.bias,
                           batch_first=self.batch_first, dropout=self.dropout, training=self.training,
-                          bidirectional=self.bidirectional, batch_sizes=batch_sizes)
-        if packed:
-            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
-                self.permute_hidden(h_n, unsorted_indices)
-        if not is_batched:
-            return output.squeeze(batch_dim), h_n.squeeze(1)
-        return output, h_n
+                          bidirectional=self.bidirectional, batch_sizes=seq.batch_sizes)
+        return seq.output(self, output, (h_n,))
 
 
 class GRUCell(torch.nn.GRUCell):
@@ -97,7 +77,7 @@ class GRUCell(torch.nn.GRUCell):
         if not isinstance(m, torch.nn.GRUCell):
             raise TypeError(f"GRUCell.from_torch: expected a torch.nn.GRUCell, got {type(m).__name__}")
         new = cls(m.input_size, m.hidden_size, m.bias, device="meta", dtype=m.weight_ih.dtype)
-        _share_parameters(new, m)
+        share_parameters(new, m)
         return new
 
     def forward(self, input, hx=None):

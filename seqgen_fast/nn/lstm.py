@@ -16,18 +16,11 @@ them unless the global ``torch._dynamo.config.allow_rnn`` is set), while this mo
 from __future__ import annotations
 
 import torch
-from torch.nn.utils.rnn import PackedSequence
 
 from ..ops.lstm import lstm, lstm_cell
+from ._recurrent import SequenceInput, share_parameters
 
 __all__ = ["LSTM", "LSTMCell"]
-
-
-def _share_parameters(new: torch.nn.Module, old: torch.nn.Module) -> None:
-    """Make ``new`` hold ``old``'s Parameter objects (shared storage, optimizers keep working)."""
-    for name, param in old.named_parameters(recurse=False):
-        setattr(new, name, param)
-    new.train(old.training)
 
 
 class LSTM(torch.nn.RNNBase):
@@ -70,48 +63,23 @@ class LSTM(torch.nn.RNNBase):
             raise TypeError(f"LSTM.from_torch: expected a torch.nn.LSTM, got {type(m).__name__}")
         new = cls(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first, m.dropout, m.bidirectional,
                   m.proj_size, device="meta", dtype=m.weight_ih_l0.dtype)
-        _share_parameters(new, m)
+        share_parameters(new, m)
         new._init_flat_weights()
         return new
 
     def forward(self, input, hx=None):
-        packed = isinstance(input, PackedSequence)
-        batch_sizes = sorted_indices = unsorted_indices = None
-        is_batched = True
-        batch_dim = 0 if self.batch_first else 1
-        if packed:
-            input, batch_sizes, sorted_indices, unsorted_indices = input
-        else:
-            if input.dim() not in (2, 3):
-                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            is_batched = input.dim() == 3
-            if not is_batched:
-                input = input.unsqueeze(batch_dim)
-        if input.device != self.weight_ih_l0.device:
-            raise ValueError(f"LSTM: input is on {input.device} but the module's parameters (weight_ih_l0, ...) are "
-                             f"on {self.weight_ih_l0.device}; move one of them (input.to(device) or module.to(device))")
+        seq = SequenceInput.of(self, input)
         if hx is None:
-            self.check_input(input, batch_sizes)
+            self.check_input(seq.data, seq.batch_sizes)
         else:
-            want = 3 if is_batched else 2
-            if hx[0].dim() != want or hx[1].dim() != want:
-                raise RuntimeError(f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, hx and cx should "
-                                   f"also be {want}-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
-            if not is_batched:
-                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-            self.check_forward_args(input, hx, batch_sizes)
-            hx = self.permute_hidden(hx, sorted_indices)
+            hx = seq.batched_states(tuple(hx), "hx and cx")
+            self.check_forward_args(seq.data, hx, seq.batch_sizes)
+            hx = self.permute_hidden(hx, seq.sorted_indices)
         weights = [getattr(self, name) for name in self._flat_weights_names]  # the current Parameters
-        output, hidden = lstm(input, hx, weights, num_layers=self.num_layers, bias=self.bias,
+        output, hidden = lstm(seq.data, hx, weights, num_layers=self.num_layers, bias=self.bias,
                               batch_first=self.batch_first, dropout=self.dropout, training=self.training,
-                              bidirectional=self.bidirectional, batch_sizes=batch_sizes)
-        if packed:
-            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
-                self.permute_hidden(hidden, unsorted_indices)
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
-        return output, hidden
+                              bidirectional=self.bidirectional, batch_sizes=seq.batch_sizes)
+        return seq.output(self, output, tuple(hidden))
 
 
 class LSTMCell(torch.nn.LSTMCell):
@@ -128,7 +96,7 @@ class LSTMCell(torch.nn.LSTMCell):
         if not isinstance(m, torch.nn.LSTMCell):
             raise TypeError(f"LSTMCell.from_torch: expected a torch.nn.LSTMCell, got {type(m).__name__}")
         new = cls(m.input_size, m.hidden_size, m.bias, device="meta", dtype=m.weight_ih.dtype)
-        _share_parameters(new, m)
+        share_parameters(new, m)
         return new
 
     def forward(self, input, hx=None):

@@ -181,7 +181,7 @@ def recurrent_weight_grads(dhg: torch.Tensor, hs: torch.Tensor, h0: torch.Tensor
     """dW_hh = sum_t dhg_t^T h_{t-1}, one GEMM over all T*B rows, and with ``bias`` db_hh =
     sum_t dhg_t. Returns ``(dW_hh, db_hh or None)``."""
     T, B, G = dhg.shape
-    h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]], 0).reshape(T * B, -1)
+    h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]], 0).reshape(T * B, h0.shape[-1])  # B may be 0
     dhg2 = dhg.reshape(T * B, G).to(w_hh.dtype)
     return dhg2.t() @ h_prev.to(w_hh.dtype), dhg2.sum(0) if bias else None
 
@@ -280,5 +280,5 @@ def weight_grads(dG: torch.Tensor, dH: torch.Tensor | None, hs: torch.Tensor, cs
     T, B, G = dG.shape
     H = G // 4
     m = gates[..., 3 * H:] * torch.tanh(cs)
-    dw_hr = dH.reshape(T * B, -1).t().to(w_hr.dtype) @ m.reshape(T * B, H).to(w_hr.dtype)
+    dw_hr = dH.reshape(T * B, dH.shape[-1]).t().to(w_hr.dtype) @ m.reshape(T * B, H).to(w_hr.dtype)
     return dw_hh, dw_hr

@@ -13,6 +13,21 @@ Layers:
 
 Input checks run before dispatch, so every backend raises the same errors, each naming the
 argument at fault.
+
+Non-finite values (the policy of the attention, decode and rotary families, the same on every
+backend, compiled or interpreted; ``tests/test_fuzz_attention.py`` checks it):
+
+* a NaN or inf in q, or in a key / value a query row *sees* (its causal band, window, mask,
+  sequence, cache length), reaches that row as in torch's math attention over the keys it sees: a
+  NaN score or value makes the row NaN; a +inf score makes it NaN (``inf - inf``, as torch's
+  softmax) and its lse NaN; a -inf score is a masked key; an inf value with weight > 0 gives inf;
+* a row that sees no key, or only -inf scores, outputs 0 (torch's ``_safe_softmax``; flash-attn's
+  convention) with lse -inf (decode: +inf, flash-attn's ``flash_attn_with_kvcache``);
+* a NaN / inf in k at a key masked out of a row never reaches it; in v it *may* make the row NaN
+  (torch's math path: always, as ``0 * nan``; the kernels: when the key shares a tile with keys the
+  row sees), nothing else. Rows outside a varlen sequence or past ``cache_seqlens`` are never read;
+* the kernels' running maxima keep NaN when compiled (``max.NaN.f32``, not ``tl.maximum``'s
+  NaN-dropping ``max.f32``); rotary is element-wise: a NaN / inf reaches its dim and its partner dim.
 """
 from __future__ import annotations
 
@@ -27,7 +42,7 @@ from .. import _debug
 from .._backend import Capabilities, dispatcher
 from ..reference import attention as reference
 from .._contract import BOTTOM_RIGHT, NONE, TOP_LEFT, AttentionFeatures, attention_output
-from ._library import custom_op
+from ._library import SDPA_AUTOCAST, autocast_as, custom_op
 
 ATTN = dispatcher("attention", order=("triton", "reference"))
 SDPA = dispatcher("scaled_dot_product_attention", order=("triton", "reference"))
@@ -65,6 +80,9 @@ def _kernel_reasons(q, k, v, mask, cu_q) -> list[str]:
             reasons.append(f"{name}: one sequence spans {span} elements, past the kernels' 32-bit offsets "
                            "within a sequence")
     if mask is not None:
+        if mask.dim() and (mask.shape[-1] - 1) * abs(mask.stride(-1)) >= 2**31:  # key index x stride, int32
+            reasons.append(f"attn_mask: a row spans {(mask.shape[-1] - 1) * abs(mask.stride(-1)) + 1} elements, "
+                           "past the kernels' 32-bit offsets within a mask row")
         if cu_q is not None:
             reasons.append("attn_mask with packed varlen sequences is not supported")
         if mask.requires_grad and torch.is_grad_enabled():
@@ -125,7 +143,8 @@ def _backward(ctx, dout, dlse):
     return (dq, dk, dv) + (None,) * 16
 
 
-@custom_op("attention_fwd", fake=_fwd_fake, backward=_backward, setup_context=_setup)
+@custom_op("attention_fwd", fake=_fwd_fake, backward=_backward, setup_context=_setup, autocast=SDPA_AUTOCAST,
+           autocast_keep=("alibi",))
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cu_q: Tensor | None, cu_k: Tensor | None,
                    alibi: Tensor | None, rng: Tensor | None, max_q: int, max_k: int, scale: float, causal: int,
                    window_left: int, window_right: int, softcap: float, dropout_p: float, deterministic: bool,
@@ -227,6 +246,7 @@ def check_features(fn: str, dropout_p, window_size, softcap, alibi_slopes, q: Te
     return (int(window_size[0]), int(window_size[1])), float(softcap), alibi
 
 
+@autocast_as(SDPA_AUTOCAST, keep=("alibi_slopes",))
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None,
                     cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
                     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, dropout_p: float = 0.0,
@@ -265,7 +285,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
 
     Inputs: float16, bfloat16 or float32 (IEEE float32 dots, not TF32) on CUDA for the Triton
     kernels (the reference backend also takes float64, on any device), any strides, head dims up to
-    256 (E may differ from Ev). Differentiable in q, k, v.
+    256 (E may differ from Ev). Differentiable in q, k, v. Under ``torch.autocast`` q, k, v are cast
+    as torch's SDPA casts its inputs (to the autocast dtype; ``alibi_slopes`` stays float32).
     """
     fn = "flash_attention"
     _check_qkv_common(fn, q, k, v)
@@ -411,6 +432,7 @@ def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 SDPA.register("reference")(reference.sdpa)
 
 
+@autocast_as(SDPA_AUTOCAST)
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False, *, backend: str | None = None) -> Tensor:
@@ -431,6 +453,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     kernels: ``seqgen_fast.kernels.attention``, no L x S buffer; on Hopper the forward without a
     mask or dropout is the warp-specialised Gluon kernel) and ``reference`` (everything else,
     torch's math path in plain ops). ``backend=`` forces one (also ``seqgen_fast.use_backend``).
+    Under ``torch.autocast`` the inputs (the float mask included) are cast as torch's: to the
+    autocast dtype on CPU and CUDA alike (float64 is left alone).
     """
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     chosen = SDPA.select(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)

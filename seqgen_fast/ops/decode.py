@@ -9,6 +9,8 @@ No host sync by default: the checks that need device values (lengths, batch and 
 range) run on the host only under ``seqgen_fast.debug_checks()`` or ``SEQGEN_FAST_DEBUG_CHECKS=1``
 (skipped inside a CUDA-graph capture); otherwise the kernels clamp every value into range.
 Shapes, dtypes and devices are always checked, and a bad one raises an error naming the argument.
+Non-finite values follow the policy of ``seqgen_fast.ops.attention`` (cache rows past a sequence's
+length are never read, whatever they hold).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .. import _debug
 from .._backend import Capabilities, dispatcher
 from ..reference import decode as reference
 from ._library import custom_op
+from .rotary import offset_reasons
 
 KVCACHE = dispatcher("kvcache_attention", order=("triton", "reference"))
 TRITON = Capabilities("triton", dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(16, 256))
@@ -48,7 +51,8 @@ def _triton_supports(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotar
                      cache_leftpad, block_table, scale, causal, window_left, window_right, softcap,
                      rotary_interleaved, alibi_slopes, key_mask, num_splits) -> list[str]:
     return TRITON.reasons(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, cache_batch_idx,
-                          cache_leftpad, block_table, alibi_slopes, key_mask, head_dims=(q.shape[-1],))
+                          cache_leftpad, block_table, alibi_slopes, key_mask, head_dims=(q.shape[-1],)) + \
+        offset_reasons(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
 
 
 @KVCACHE.register("triton", supports=_triton_supports, caps=TRITON)
@@ -61,10 +65,6 @@ def _triton(*args):
 # ----------------------------------------------------------------------------------------------
 # Host-side value checks (debug only)
 # ----------------------------------------------------------------------------------------------
-def _capturing(t: Tensor) -> bool:
-    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _in_range(fn: str, name: str, values: Tensor, lo, hi, why: str) -> None:
     """Raise unless every element lies in [lo, hi] (lo/hi scalars or tensors like ``values``)."""
     bad = ((values < lo) | (values > hi)).flatten()
@@ -110,7 +110,7 @@ def _fake(q, *args):
 def _run(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, block_table,
          alibi_slopes, key_mask, scale, causal, window_left, window_right, softcap, rotary_interleaved, num_splits,
          check, backend):
-    if check and _debug.enabled() and not _capturing(q):
+    if check and _debug.enabled() and _debug.host_reads_allowed(q):
         _host_checks(check, k_cache, cache_seqlens, 0 if k is None else k.shape[1], cache_batch_idx, cache_leftpad,
                      block_table)
     return KVCACHE.impl(backend)(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, cache_batch_idx,

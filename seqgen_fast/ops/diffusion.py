@@ -19,6 +19,18 @@ signature, so a step of a running loop only allocates its outputs and launches (
 step on small latents is its Python). The row layout and the math are in
 ``seqgen_fast.reference.diffusion``.
 
+Non-finite values, the same on every backend (tests/test_fuzz_diffusion.py): a NaN in the model output
+or the sample gives NaN exactly where diffusers' step in that dtype gives it. x0 clipping and dynamic
+thresholding clamp by comparison, so a NaN stays NaN (``torch.clamp``'s rule; the compiled kernels hold
+no NaN-dropping min/max, checked in their SASS), and a NaN in a sample makes its threshold NaN as
+``torch.quantile`` does. A term the scheduler's formula does not have (its coefficient -0.0 in the
+table: ``diffusion.tables.mark_absent``) is not evaluated, so an inf does not become 0 * inf = NaN
+there; a coefficient that is 0 in some rows only multiplies as diffusers does. Two divergences, by
+design: with an infinite input, where diffusers forms inf - inf in an intermediate difference (Euler's
+(x - x0) / sigma) the fused linear combination may give +-inf where diffusers gives NaN; and where
+diffusers overflows a float16 intermediate, the step (float32 math) stays finite and accurate. The
+CUDA kernel flushes subnormal intermediates to zero (``--use_fast_math``).
+
 Memory layout: the outputs are allocated dense with the batch outermost, each sample's elements in
 the memory order of ``sample`` (``channels_last`` stays ``channels_last``; a broadcast or
 overlapping sample takes the model output's order, else the contiguous one). Inputs are never
@@ -219,7 +231,8 @@ def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float) -> torch.T
     """Dynamic-thresholding scale s_b = clamp(quantile(|x0_b|, ratio), 1, max_value), a (B,) float32 tensor.
 
     The quantile is torch.quantile's linear interpolation, written as a sort and a gather so it has
-    no size limit and no host sync.
+    no size limit and no host sync. A sample holding a NaN gets a NaN scale, as torch.quantile gives
+    (the sort puts NaN last, where the interpolation alone would not see it).
     """
     a = x0.float().reshape(x0.shape[0], -1).abs().sort(dim=1).values
     n = a.shape[1]
@@ -227,6 +240,7 @@ def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float) -> torch.T
     lo = int(pos)
     hi = min(lo + 1, n - 1)
     s = torch.lerp(a[:, lo], a[:, hi], torch.full_like(a[:, lo], pos - lo))
+    s = torch.where(a[:, -1].isnan(), a[:, -1], s)
     return s.clamp(min=1.0, max=max_value)
 
 
@@ -239,9 +253,10 @@ def predict_x0(x, u, k, coef, key, timesteps, schedule_timesteps, guidance_scale
     if model_scale is not None:
         m = m * ref.bcast(model_scale.to(dt), m.dim())
     xf = x.to(dt)
+    col = lambda i: ref.bcast(c[:, i], xf.dim())  # noqa: E731
     if noise_pre is not None:
-        xf = xf + ref.bcast(c[:, CPN], xf.dim()) * noise_pre.to(dt)
-    return ref.bcast(c[:, X0X], xf.dim()) * xf + ref.bcast(c[:, X0M], xf.dim()) * m
+        xf = xf + ref.times(col(CPN), noise_pre.to(dt))
+    return ref.times(col(X0X), xf) + ref.times(col(X0M), m)  # the step's terms, absent ones skipped
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ cuBLAS addmm + the fused Triton cell), ``reference`` (plain PyTorch, any float d
 last two is ``ops._recurrence`` over its ``GRUCell``. A size or case a backend cannot take goes to the
 next one with its reason -- including a cuda grid that cannot be resident on this context's SMs (MPS,
 green contexts), decided before anything is launched.
+
+Non-finite values: the LSTM's policy (``seqgen_fast.ops.lstm``; tests/test_fuzz_recurrent.py) -- NaN
+and +-inf propagate as in ``torch.nn.GRU`` / ``GRUCell`` in the same dtype, on every backend.
 """
 import contextlib
 from typing import Optional, Sequence
@@ -41,7 +44,7 @@ from .._backend import Capabilities, dispatcher, use_backend
 from ..kernels import gru_cuda
 from ..reference import gru as ref
 from . import _recurrence
-from ._library import custom_op
+from ._library import CUDNN_RNN_AUTOCAST, RNN_CELL_AUTOCAST, autocast_as, custom_op
 
 __all__ = ["gru", "gru_cell", "gru_sequence", "gru_sequence_backward", "gru_cell_step", "SEQ", "SEQ_BWD", "CELL"]
 
@@ -174,7 +177,8 @@ def _seq_backward(ctx, grad_hs, grad_h_n, _grad_act):
     return dxg, dw_hh, db_hh if ctx.bias else None, dh0, None, None, None
 
 
-@custom_op("gru_sequence", fake=_seq_fake, backward=_seq_backward, setup_context=_seq_setup)
+@custom_op("gru_sequence", fake=_seq_fake, backward=_seq_backward, setup_context=_seq_setup,
+           autocast=CUDNN_RNN_AUTOCAST)
 def gru_sequence(xg: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, batch_sizes: Optional[Tensor],
                  backend: str, train: bool) -> tuple[Tensor, Tensor, Tensor]:
     """One GRU layer, one direction, forward in time over ``xg`` [T, B, 3H] (see the module doc)."""
@@ -185,7 +189,7 @@ def _cell_fake(x, h, w_ih, w_hh, b_ih, b_hh, backend):
     return torch.empty_like(h)
 
 
-@custom_op("gru_cell_step", fake=_cell_fake)
+@custom_op("gru_cell_step", fake=_cell_fake, autocast=RNN_CELL_AUTOCAST)
 def gru_cell_step(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
                   backend: str) -> Tensor:
     """One inference step of a GRU cell (no autograd): h1 [B, H]."""
@@ -195,29 +199,15 @@ def gru_cell_step(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def _scope(backend: Optional[str], device: torch.device) -> contextlib.ExitStack:
-    """The whole call's context: ``backend`` forced when given (forward dispatch of every layer),
-    and autocast off inside, its casts done once on entry by :func:`_autocast` (torch's GRU, below
-    the autocast dispatch key, never autocasts its inner products either)."""
-    stack = contextlib.ExitStack()
-    if backend is not None:
-        stack.enter_context(use_backend(backend))
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
-        stack.enter_context(torch.autocast(device.type, enabled=False))
-    return stack
+def _scope(backend: Optional[str]):
+    """``backend`` forced for the whole call (forward dispatch of every layer) when given. Autocast
+    is off inside the public functions, their casts done once on entry (``autocast_as``): torch's
+    GRU, on the CPU, keeps the input's dtype, and on CUDA runs cuDNN's in float16."""
+    return use_backend(backend) if backend is not None else contextlib.nullcontext()
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _autocast(*tensors: Optional[Tensor]) -> tuple:
-    """Under ``torch.autocast`` for CUDA, cast floating CUDA tensors to its dtype, as torch's GRU
-    (cuDNN's autocast rule) and GRUCell do there; on the CPU torch's GRU keeps its dtype, so do we."""
-    if tensors[0].device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
-        return tensors
-    dt = torch.get_autocast_dtype("cuda")
-    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def _same_dtype_device(fn: str, ref_name: str, ref_t: Tensor, named: dict, place: Optional[str] = None) -> None:
@@ -265,6 +255,7 @@ def _layer_direction(x, weights, h0, batch_sizes, rev_idx, reverse):
     return (_recurrence.reverse(hs, rev_idx) if reverse else hs), h_n
 
 
+@autocast_as(CUDNN_RNN_AUTOCAST)
 def gru(input: Tensor, hx: Optional[Tensor], weights: Sequence[Tensor], *, num_layers: int = 1, bias: bool = True,
         batch_first: bool = False, dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
         batch_sizes: Optional[Tensor] = None, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
@@ -293,9 +284,6 @@ def gru(input: Tensor, hx: Optional[Tensor], weights: Sequence[Tensor], *, num_l
     fn = "gru"
     if not isinstance(input, Tensor):
         raise TypeError(f"{fn}: input must be a Tensor, got {type(input).__name__}")
-    input, *weights = _autocast(input, *weights)
-    if hx is not None:
-        hx = _autocast(input, hx)[1]
     directions = 2 if bidirectional else 1
     per_ld = _split_weights(weights, num_layers, directions, bias)
     w_ih0, w_hh0 = per_ld[0][:2]
@@ -319,7 +307,7 @@ def gru(input: Tensor, hx: Optional[Tensor], weights: Sequence[Tensor], *, num_l
         if tuple(h0.shape) != (num_layers * directions, B, H):
             raise RuntimeError(f"Expected hidden size {(num_layers * directions, B, H)}, got {list(h0.shape)}")
     rev_idx = _recurrence.reverse_index(batch_sizes, x.shape[0], B, x.device) if bidirectional else None
-    with _scope(backend, input.device):
+    with _scope(backend):
         x, finals = _recurrence.layers(
             x, lambda inp, k, reverse: _layer_direction(inp, per_ld[k], h0[k], batch_sizes, rev_idx, reverse),
             num_layers, directions, dropout if training else 0.0)
@@ -336,6 +324,7 @@ def _cell_backend(x, h, w_ih, w_hh, b_ih, b_hh) -> str:
     return CELL.select_cached(key, x, h, w_ih, w_hh, b_ih, b_hh)
 
 
+@autocast_as(RNN_CELL_AUTOCAST)
 def gru_cell(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
              b_hh: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """One GRU cell step (``torch.nn.GRUCell``'s math, gate order r, z, n).
@@ -363,9 +352,6 @@ def gru_cell(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: O
         raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {w_ih.shape[1]}")
     if (b_ih is None) != (b_hh is None):
         raise ValueError(f"{fn}: give both b_ih and b_hh, or neither")
-    x, w_ih, w_hh, b_ih, b_hh = _autocast(x, w_ih, w_hh, b_ih, b_hh)
-    if h is not None:
-        h = _autocast(x, h)[1]
     _same_dtype_device(fn, "x", x, {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "h": h})
     B = x.shape[0]
     if h is None:
@@ -381,7 +367,7 @@ def gru_cell(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: O
         if b is not None and tuple(b.shape) != (3 * H,):
             raise RuntimeError(f"{fn}: {name} must have shape {(3 * H,)}, got {tuple(b.shape)}")
     h = h.contiguous()
-    with _scope(backend, x.device):
+    with _scope(backend):
         if not _needs_grad(x, h, w_ih, w_hh, b_ih, b_hh):
             x = x.contiguous()
             name = _cell_backend(x, h, w_ih, w_hh, b_ih, b_hh)

@@ -28,6 +28,14 @@ the fused Triton cell), ``reference`` (plain PyTorch, any float dtype). A size o
 cannot take goes to the next one, with its reason -- including a cuda grid that cannot be resident
 on this context's SMs (MPS, green contexts), decided before anything is launched.
 
+Non-finite values, the same on every backend (tests/test_fuzz_recurrent.py): NaN and +-inf propagate as
+in ``torch.nn.LSTM`` / ``LSTMCell`` in the same dtype. A NaN in the input or the initial states reaches
+exactly the elements torch's does (through the recurrent product, every unit of the following steps);
+sigmoid(+-inf) = 1 / 0, tanh(+-inf) = +-1, and a saturated gate times an infinite cell state (0 * inf)
+is NaN, as in torch. No NaN-dropping min/max is compiled into the CUDA kernels (their SASS is checked,
+``tests/support/sass.py``); the Triton cell uses none. The CUDA kernels flush subnormal fp32
+intermediates to zero (``--use_fast_math``): a difference from torch below the dtype's smallest normal.
+
 Under ``torch.compile`` the whole public API traces with ``fullgraph=True``: backend selection is
 plain Python over shapes and dtypes (the device facts it needs are trace-time constants, see
 ``kernels.lstm_cuda.launch_plan``), each op is one opaque node, and nothing traced reads a cache
@@ -44,7 +52,7 @@ from .._backend import Capabilities, dispatcher, use_backend
 from ..kernels import lstm_cuda
 from ..reference import lstm as ref
 from . import _recurrence
-from ._library import custom_op
+from ._library import CUDNN_RNN_AUTOCAST, LOWER, RNN_CELL_AUTOCAST, autocast_as, custom_op
 
 __all__ = ["lstm", "lstm_cell", "lstm_sequence", "lstm_sequence_backward", "lstm_cell_step", "SEQ", "SEQ_BWD", "CELL"]
 
@@ -52,6 +60,11 @@ ORDER = ("cuda", "triton", "reference")
 SEQ = dispatcher("lstm_sequence", ORDER)
 SEQ_BWD = dispatcher("lstm_sequence_backward", ORDER)
 CELL = dispatcher("lstm_cell_step", ORDER)
+
+# Autocast (torch's rules): nn.LSTM runs in float16 on CUDA (cuDNN's wrapper, whatever the autocast
+# dtype) and in the autocast dtype on the CPU (mkldnn_rnn_layer, padded input only: torch's packed
+# CPU path is not autocast); LSTMCell (lstm_cell) is on the CUDA list only.
+SEQ_AUTOCAST = {**CUDNN_RNN_AUTOCAST, "cpu": LOWER}
 
 TRITON = Capabilities("triton", dtypes=(torch.float32, torch.float16, torch.bfloat16))
 REFERENCE = Capabilities("reference", dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
@@ -222,7 +235,7 @@ def _seq_backward(ctx, grad_hs, grad_h_n, grad_c_n, _grad_cs, _grad_gates):
     return dxg, dw_hh, dw_hr if w_hr is not None else None, dh0, dc0, None, None, None
 
 
-@custom_op("lstm_sequence", fake=_seq_fake, backward=_seq_backward, setup_context=_seq_setup)
+@custom_op("lstm_sequence", fake=_seq_fake, backward=_seq_backward, setup_context=_seq_setup, autocast=SEQ_AUTOCAST)
 def lstm_sequence(xg: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
                   batch_sizes: Optional[Tensor], backend: str, train: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -234,7 +247,7 @@ def _cell_fake(x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
     return torch.empty_like(c), torch.empty_like(c)
 
 
-@custom_op("lstm_cell_step", fake=_cell_fake)
+@custom_op("lstm_cell_step", fake=_cell_fake, autocast=RNN_CELL_AUTOCAST)
 def lstm_cell_step(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                    b_hh: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     """One inference step of an LSTM cell (no autograd): (h1, c1), each [B, H]."""
@@ -266,16 +279,6 @@ def _check_like(fn: str, ref_name: str, ref_t: Tensor, named: dict) -> None:
         if t.device != ref_t.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but {ref_name} is on {ref_t.device}; "
                              "move them to the same device")
-
-
-def _autocast(*tensors: Optional[Tensor]) -> tuple:
-    """Under ``torch.autocast`` for the tensors' device, cast floating tensors to its dtype (as the
-    autocast rule of torch's own LSTM does); otherwise return them unchanged."""
-    dev = tensors[0].device.type
-    if not torch.is_autocast_enabled(dev):
-        return tensors
-    dt = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def _check_shape(fn: str, name: str, t: Tensor, shape: tuple) -> None:
@@ -341,6 +344,11 @@ def _cell_backend(x, h, c, w_ih, w_hh, b_ih, b_hh) -> str:
     return CELL.select_cached(key, x, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
+def _lstm_autocast(*args, batch_sizes=None, **kwargs):
+    return SEQ_AUTOCAST if batch_sizes is None else CUDNN_RNN_AUTOCAST
+
+
+@autocast_as(_lstm_autocast)
 def lstm(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], weights: Sequence[Tensor], *, num_layers: int = 1,
          bias: bool = True, batch_first: bool = False, dropout: float = 0.0, training: bool = False,
          bidirectional: bool = False, batch_sizes: Optional[Tensor] = None,
@@ -367,9 +375,6 @@ def lstm(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], weights: Sequence[T
     fn = "lstm"
     if not isinstance(input, Tensor):
         raise TypeError(f"{fn}: input must be a Tensor, got {type(input).__name__}")
-    input, *weights = _autocast(input, *weights)
-    if hx is not None:
-        hx = _autocast(input, *hx)[1:]
     directions = 2 if bidirectional else 1
     per_ld = _split_weights(weights, num_layers, directions, bias)
     w_ih0, w_hh0, _, _, w_hr0 = per_ld[0]
@@ -425,6 +430,7 @@ def lstm(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], weights: Sequence[T
     return output, (torch.stack(h_n), torch.stack(c_n))
 
 
+@autocast_as(RNN_CELL_AUTOCAST)
 def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
               backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
@@ -453,9 +459,6 @@ def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, 
         raise RuntimeError(f"{fn}: input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
     if (b_ih is None) != (b_hh is None):
         raise ValueError(f"{fn}: give both b_ih and b_hh, or neither")
-    input, w_ih, w_hh, b_ih, b_hh = _autocast(input, w_ih, w_hh, b_ih, b_hh)
-    if hx is not None:
-        hx = _autocast(input, *hx)[1:]
     _check_like(fn, "input", input, {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh})
     B = input.shape[0]
     if hx is None:

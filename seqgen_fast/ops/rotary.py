@@ -4,6 +4,8 @@ Ops (dispatch order triton, reference): ``seqgen_fast::rotary_embedding`` return
 differentiable in q and k (the backward is the rotation by ``-sin``, i.e. the transpose);
 ``seqgen_fast::rotary_embedding_`` rotates in place (``mutates_args=("q", "k")``, inference only).
 Decode does not need this op: ``flash_attn_with_kvcache`` rotates q and the new k on load.
+Non-finite values propagate element-wise as in transformers' ``apply_rotary_pos_emb`` (a NaN / inf in
+dim ``d`` reaches ``d`` and its partner; ``inf * 0`` at a zero sine is NaN, as in torch).
 """
 from __future__ import annotations
 
@@ -31,8 +33,25 @@ def _reference(q, k, cos, sin, position_ids, cu_seqlens, interleaved, inplace):
     return q_out, k_out
 
 
+def offset_reasons(**named: Tensor | None) -> list[str]:
+    """Why 32-bit index arithmetic of the rotary / decode kernels cannot address ``named`` tensors:
+    their batch, token, head and page offsets are 64-bit, but a row's elements are ``d * stride(-1)``
+    for ``d`` below the head dim (int32), and the rotary kernel numbers its (token, head) rows in int32."""
+    why = []
+    for name, t in named.items():
+        if t is not None and t.dim() and (t.shape[-1] - 1) * abs(t.stride(-1)) >= 2**31:
+            why.append(f"{name}: its last dim spans {(t.shape[-1] - 1) * abs(t.stride(-1)) + 1} elements (stride "
+                       f"{t.stride(-1)}), past the kernels' 32-bit offsets within a row")
+    return why
+
+
 def _triton_supports(q, k, cos, sin, position_ids, cu_seqlens, *args) -> list[str]:
-    return TRITON.reasons(q, k, cos, sin, position_ids, cu_seqlens)
+    why = TRITON.reasons(q, k, cos, sin, position_ids, cu_seqlens) + offset_reasons(q=q, k=k, cos=cos, sin=sin)
+    for name, t in (("q", q), ("k", k)):
+        rows = 0 if t is None or not t.shape[-1] else t.numel() // t.shape[-1]
+        if rows >= 2**31:
+            why.append(f"{name}: {rows} (token, head) rows, past the kernel's 32-bit row numbers")
+    return why
 
 
 @ROTARY.register("triton", supports=_triton_supports, caps=TRITON)
@@ -53,7 +72,7 @@ def _inverse_sin(sin: Tensor, interleaved: bool) -> Tensor:
 
 def _host_checks(q, cos, position_ids, cu_seqlens) -> None:
     """Positions inside the table (one sync): only under seqgen_fast.debug_checks()."""
-    if cos.dim() == 3 or q.numel() == 0 or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if cos.dim() == 3 or q.numel() == 0 or not _debug.host_reads_allowed(q):
         return
     packed = q.dim() == 3
     pos = reference.positions(q.shape[0] if packed else q.shape[1], batch=None if packed else q.shape[0],

@@ -12,7 +12,8 @@ Two entry points:
                                                            causal mask ones(L, S).tril() (top-left)
       out = dropout(A) @ value
 
-  A row whose every entry is masked gives 0 (torch's ``_safe_softmax``), not NaN. With
+  A row whose every entry is masked gives 0 (torch's ``_safe_softmax``), not NaN. NaN / inf in
+  masked positions reach the row as in torch's math path (``nan + -inf``, ``0 * nan``). With
   ``enable_gqa`` the key/value heads (dim -3) repeat-interleave up to the query heads. Math runs
   in float64 for float64 inputs and in float32 otherwise (as torch's math path upcasts half
   precision); the output is cast back to the query dtype. Autograd flows through plain ops.
@@ -26,7 +27,9 @@ Two entry points:
   ``j <= i + S - L``); packed variable-length batches when ``cu_q``/``cu_k`` (int32 prefix sums of
   the lengths) are given, then ``B == 1`` and sequence ``b`` is rows ``cu_q[b]:cu_q[b+1]`` of q and
   ``cu_k[b]:cu_k[b+1]`` of k/v. Returns ``out (B, H, L, Ev)`` in q's dtype and ``lse (B, H, L)``
-  float32, the natural-log sum of exp of the scaled scores (``-inf`` for a fully masked row).
+  float32, the natural-log sum of exp of the scaled scores (``-inf`` for a fully masked row, NaN
+  for a row with a +inf score, as its probabilities). The band and a boolean mask are applied by
+  masking (a NaN score outside them never reaches its row, as in the kernels); a float mask is added.
 
   The flash-attn features, per sequence of L queries and S keys (:class:`Features`)::
 
@@ -177,10 +180,11 @@ def _scores(q, k, seq, mask, scale, causal, feat: Features):
         dist = (torch.arange(L, device=q.device)[:, None] + S - L - torch.arange(S, device=q.device)[None, :]).abs()
         scores = scores - feat.alibi[seq].to(scores.dtype)[:, None, None] * dist.to(scores.dtype)
     band = band_mask(L, S, causal, feat.window_left, feat.window_right, q.device)
-    if band is not None:
-        scores = scores + _bias_from_mask(band, scores.dtype)
+    if band is not None:  # masked, not added: a NaN score outside the band stays out (as in the kernels)
+        scores = scores.masked_fill(~band, float("-inf"))
     if mask is not None:
-        scores = scores + _bias_from_mask(mask, scores.dtype)
+        bool_mask = mask.dtype == torch.bool
+        scores = scores.masked_fill(~mask, float("-inf")) if bool_mask else scores + mask.to(scores.dtype)
     return scores
 
 
@@ -194,7 +198,8 @@ def _segment_probs(q, k, b, seq, rq: range, rk: range, rows: tuple[int, int], ma
     if feat.dropout_p > 0:
         keep = dropout_keep(feat.rng, feat.dropout_p, b, q.shape[0], *rows, rq, rk, q.device)
         drop = keep.to(q.dtype) * (1.0 / (1.0 - feat.dropout_p) if feat.dropout_p < 1 else 0.0)
-    return _safe_softmax(scores), torch.logsumexp(scores, dim=-1), drop
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(torch.isposinf(scores).any(-1), float("nan"))  # as its probs
+    return _safe_softmax(scores), lse, drop
 
 
 def _segments(q, k, cu_q, cu_k):

@@ -24,7 +24,11 @@ key ``p`` is visible to row ``i`` when ``lp <= p < L``, ``p <= q_i + right`` (``
     s = scale * q_i . k_p;   s = softcap * tanh(s / softcap) if softcap > 0;   s -= slope * |q_i - p|
     out_i = sum_p softmax_p(s) v_p;  lse_i = logsumexp_p(s)
 
-A row that sees no key gets ``out = 0`` and ``lse = +inf`` (flash-attn's convention). Every index
+A row that sees no key (or only -inf scores) gets ``out = 0`` and ``lse = +inf`` (flash-attn's
+convention). Non-finite
+values follow ``seqgen_fast.ops.decode``'s policy: a NaN/inf in q or in a visible key/value reaches
+its row as in torch's math attention over the visible keys; cache rows outside ``[lp, L)`` are never
+read (their contents, NaN included, cannot reach any output). Every index
 is clamped into range (lengths as above, batch indices into ``[0, B_cache)``, pages into
 ``[0, num_pages)``, rotary positions into ``[0, S_ro)``), exactly as the kernel clamps them. Math
 runs in float32 (float64 for float64 inputs).
@@ -123,8 +127,11 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rota
         visible = visible & key_mask.to(torch.bool)[:, None, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)                                        # (B, Hkv, g, Lq)
-    empty = ~visible.any(dim=-1)
+    lse = lse.masked_fill(torch.isposinf(scores).any(-1), float("nan"))  # inf - inf, as the probs (and kernel)
+    empty = torch.isneginf(scores).all(dim=-1)  # no visible key, or only -inf scores: 0 (as the kernel)
     probs = torch.where(empty[..., None], 0.0, torch.softmax(scores, dim=-1))
+    # rows outside [lp, L) are unused storage (often torch.empty garbage): never read, as by the kernel
+    values = values.masked_fill(~((p >= left[:, None]) & (p < total[:, None]))[:, :, None, None], 0.0)
     out = torch.einsum("bhgip,bphd->bihgd", probs, values).flatten(2, 3)
     lse = torch.where(empty, float("inf"), lse).flatten(1, 2)                    # (B, Hq, Lq)
     return out.to(q.dtype), lse.to(acc)

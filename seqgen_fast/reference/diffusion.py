@@ -80,6 +80,14 @@ def draw_noise(shape, device, seed: int, offset: int) -> torch.Tensor:
     return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
 
 
+def times(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """c v, but 0 where the coefficient is -0.0: a term the scheduler's formula does not have
+    (``diffusion.tables.mark_absent``), so an inf in v does not become 0 * inf = NaN where diffusers
+    never forms that product. A +0.0 coefficient multiplies (0 * inf = NaN, as diffusers computes it);
+    a NaN coefficient (a key outside the table) gives NaN."""
+    return torch.where((c == 0) & torch.signbit(c), 0.0, c * v)
+
+
 def diffusion_step(x, u, k, v, last, h1, h2, h3, noise, coef, key, timesteps, schedule_timesteps, guidance_scale,
                    guidance, model_scale, x0_mode, clip_range, threshold, noise_mode, var_mode, seed, offset,
                    rng_offset, out_dtype, aux_dtype, conv_dtype, xs_dtype):
@@ -96,6 +104,7 @@ def diffusion_step(x, u, k, v, last, h1, h2, h3, noise, coef, key, timesteps, sc
     B, nd = x.shape[0], x.dim()
     c = gather_rows(coef, B, key, timesteps, schedule_timesteps).to(dt)
     col = lambda i: bcast(c[:, i], nd)  # noqa: E731
+    term = lambda i, v: times(col(i), v)  # noqa: E731
     m = guided(u, k, guidance_scale, guidance, dt)
     if model_scale is not None:
         m = m * bcast(model_scale.to(dt), nd)
@@ -111,35 +120,35 @@ def diffusion_step(x, u, k, v, last, h1, h2, h3, noise, coef, key, timesteps, sc
             offset = (offset + int(rng_offset.reshape(-1)[0])) % 2**64
         n = draw_noise(x.shape, x.device, seed, offset).to(dt)
     if n is not None:
-        xf = xf + col(CPN) * n
-    x0 = col(X0X) * xf + col(X0M) * m
+        xf = xf + term(CPN, n)
+    x0 = term(X0X, xf) + term(X0M, m)
     if x0_mode == 1:
         x0 = x0.clamp(-clip_range, clip_range)
     elif x0_mode == 2:
         s = bcast(threshold.to(dt), nd)
         x0 = torch.maximum(torch.minimum(x0, s), -s) / s
     hist = [(h.to(dt) if h is not None else None) for h in (h1, h2, h3)]
-    conv = col(CX) * xf + col(CX0) * x0 + col(CM) * m if conv_dtype is not None else None
+    conv = term(CX, xf) + term(CX0, x0) + term(CM, m) if conv_dtype is not None else None
     xs = xf
     if last is not None:  # UniPC's corrected sample
-        xs = col(SX) * xf + col(SL) * last.to(dt) + col(SC) * conv
+        xs = term(SX, xf) + term(SL, last.to(dt)) + term(SC, conv)
         for col_i, h in zip((SH1, SH2, SH3), hist):
             if h is not None:
-                xs = xs + col(col_i) * h
-    out = col(AX) * xs + col(A0) * x0 + col(AM) * m
+                xs = xs + term(col_i, h)
+    out = term(AX, xs) + term(A0, x0) + term(AM, m)
     if conv is not None:
-        out = out + col(AC) * conv
+        out = out + term(AC, conv)
     for col_i, h in zip((AH, AH2), hist):
         if h is not None:
-            out = out + col(col_i) * h
+            out = out + term(col_i, h)
     if n is not None:
         an = col(AN)
         if var_mode == VAR_SQRT:
             an = torch.where(an != 0, an * v.to(dt).sqrt(), 0.0)
         elif var_mode == VAR_EXP:
             an = torch.where(an != 0, an * torch.exp(col(VARP) + col(VARQ) * v.to(dt)), 0.0)
-        out = out + an * n
+        out = out + times(an, n)
     empty = x.new_empty(0)
-    aux = (col(DX) * xs + col(D0) * x0).to(aux_dtype) if aux_dtype is not None else empty
+    aux = (term(DX, xs) + term(D0, x0)).to(aux_dtype) if aux_dtype is not None else empty
     return (out.to(out_dtype), aux, conv.to(conv_dtype) if conv is not None else empty,
             xs.to(xs_dtype) if xs_dtype is not None else empty)

@@ -106,5 +106,42 @@ def _ptxas_usage(ptx: str) -> dict:
             "ptxas_warnings": re.findall(r"Potential Performance Loss: [^\n]*", info), "sass": sass}
 
 
+def float_max_forms(facts: dict) -> dict[str, int]:
+    """Counts of the float32 max instructions of a compile: ``nan_ptx`` (``max.NaN.f32``: NaN if either
+    operand is), ``drop_ptx`` (``max.f32`` / ``max.ftz.f32``: returns the other operand of a NaN),
+    and their SASS forms ``nan_sass`` (``FMNMX.NAN``) and ``drop_sass`` (other ``FMNMX``; 0 without
+    cuobjdump). Where a running max must keep a NaN, the dropping forms must be absent."""
+    import re
+
+    ptx, sass = facts["ptx"], facts.get("sass", "")
+    return {"nan_ptx": len(re.findall(r"\bmax\.NaN\.f32\b", ptx)),
+            "drop_ptx": len(re.findall(r"\bmax(?:\.ftz)?\.f32\b", ptx)),
+            "nan_sass": len(re.findall(r"\bFMNMX\.NAN\b", sass)),
+            "drop_sass": len(re.findall(r"\bFMNMX\b", sass)) - len(re.findall(r"\bFMNMX\.NAN\b", sass))}
+
+
+
+def sass_loops(sass: str) -> list[tuple[int, int, str]]:
+    """Every loop of a SASS listing (a backward branch to its head): (first line, last line, body)."""
+    import re
+
+    lines = sass.splitlines()
+    at = [int(m.group(1), 16) if (m := re.search(r"/\*([0-9a-f]{4,})\*/", line)) else None for line in lines]
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", line)
+        if m and at[i] is not None and int(m.group(1), 16) < at[i]:
+            head = next(k for k, a in enumerate(at) if a is not None and a >= int(m.group(1), 16))
+            loops.append((head, i, "\n".join(lines[head:i + 1])))
+    return loops
+
+
+def loop_bodies(sass: str, opcode: str) -> list[str]:
+    """The SASS of every innermost loop (no other loop inside) whose body contains ``opcode``
+    (``HGMMA``: the attention kernels' key loops); empty without SASS."""
+    loops = sass_loops(sass)
+    return [body for h, e, body in loops if opcode in body
+            and not any(h <= h2 and e2 <= e and (h2, e2) != (h, e) for h2, e2, _ in loops)]
+
 if __name__ == "__main__":
     print(json.dumps(_compile(json.load(sys.stdin))))

@@ -300,6 +300,15 @@ def _t(x):
     return torch.as_tensor(_value(x))
 
 
+def _reduce(x, axis, combine_fn, keep_dims=False):
+    """``tl.reduce``: ``combine_fn`` folded over ``axis`` (an emulated JIT function, element-wise)."""
+    parts = _t(x).unbind(int(_value(axis)))
+    out = parts[0]
+    for part in parts[1:]:
+        out = combine_fn(out, part)
+    return out.unsqueeze(int(_value(axis))) if keep_dims else out
+
+
 def _lang() -> _Lang:
     lang = _Lang(
         constexpr=_value, float32=torch.float32, float16=torch.float16, bfloat16=torch.bfloat16, int64=torch.int64,
@@ -311,7 +320,8 @@ def _lang() -> _Lang:
                                                                  dtype=dtype),
         zeros=lambda shape, dtype, layout=None: torch.zeros([int(_value(s)) for s in shape], dtype=dtype),
         where=lambda c, a, b: torch.where(_t(c), _t(a), _t(b)),
-        maximum=lambda a, b: torch.maximum(_t(a), _t(b)),
+        maximum=lambda a, b, propagate_nan=None: torch.maximum(_t(a), _t(b)),  # NaN-keeping, as PropagateNan.ALL
+        PropagateNan=real_tl.PropagateNan, reduce=_reduce,
         minimum=lambda a, b: torch.minimum(_t(a), _t(b)),
         max=lambda x, axis: x.amax(int(axis)),
         sum=lambda x, axis: x.sum(int(axis)),

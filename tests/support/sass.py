@@ -8,7 +8,8 @@
   ``LstmCell``, ``GruCell``), so a test can assert on instructions and on registers and stack;
 * :func:`check_recurrent_kernels` -- those assertions for the kernels of csrc/recurrence.cuh
   instantiated with one cell policy: HMMA (and, persistent, LDSM) in the tensor-core kernels, FFMA
-  and no HMMA in the exact ones, no local memory, registers within the launch bounds.
+  and no HMMA in the exact ones, no local memory, registers within the launch bounds, and no
+  NaN-dropping float min/max (FMNMX without .NAN; the non-finite policy propagates NaN as torch).
 """
 from __future__ import annotations
 
@@ -82,6 +83,13 @@ RECURRENT_KERNELS = {"forward_kernel": (512, 1), "backward_kernel": (512, 1), "s
 HMMA = {"float": "HMMA.1688.F32.TF32", "__half": "HMMA.16816.F32", "__nv_bfloat16": "HMMA.16816.F32.BF16"}
 
 
+# A float min/max that drops a NaN operand: FMNMX without .NAN in SASS (fminf/fmaxf), min/max.f16/f32
+# without .NaN in PTX (Triton's tl.minimum/maximum without propagate_nan). The non-finite policy of the
+# kernels (NaN propagates as in the op replaced) allows none on a path a value can take.
+NAN_DROPPING_SASS = re.compile(r"\bFMNMX(?!\.NAN)")
+NAN_DROPPING_PTX = re.compile(r"\b(?:min|max)\.(?!NaN)[\w.]*f(?:16|32)\b")
+
+
 def check_recurrent_kernels(binary: str, cell: str) -> dict[str, int]:
     """Asserts the SASS facts above for every recurrence.cuh kernel of ``binary`` instantiated with the
     cell policy ``cell`` (its C++ name); returns how many kernels of each kind there are."""
@@ -93,6 +101,7 @@ def check_recurrent_kernels(binary: str, cell: str) -> dict[str, int]:
         kind = next(k for k in kinds if k in name)
         kinds[kind] += 1
         assert not re.search(r"\b(LDL|STL)\b", body), f"{name}: local memory (spills) in the SASS"
+        assert not NAN_DROPPING_SASS.search(body), f"{name}: a NaN-dropping float min/max in the SASS"
         if "MmaProduct" in name or kind == "step_kernel<":
             elem = re.search(rf"(?:MmaProduct<|{cell}, )(float|__half|__nv_bfloat16)", name).group(1)
             assert HMMA[elem] in body, f"{name}: no {HMMA[elem]} in the SASS"

@@ -170,6 +170,7 @@ inline uint4 __ldcg(const uint4* p) { return *p; }
 // product's rounding and the flush of subnormal inputs and results (FTZ) are emulated bit-exactly; the
 // ex2 itself is correctly rounded here, inside its documented bound (tests/test_fast_math_recurrent.py
 // sweeps the kernels' activations at that bound).
+using std::signbit;
 inline float emu_ftz(float v) { return std::fpclassify(v) == FP_SUBNORMAL ? std::copysign(0.f, v) : v; }
 inline float __expf(float x) {
   const float y = emu_ftz(emu_ftz(x) * 1.44269504088896341f);
