@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from seqgen_fast.diffusion import fast_scheduler
+from support.utils import raised
 
 diffusers = pytest.importorskip("diffusers")
 SHAPE = (3, 4, 6, 5)
@@ -89,3 +90,19 @@ def test_step_errors_match_diffusers(row):
 def test_unsupported_scheduler_class():
     with pytest.raises(TypeError, match="PNDMScheduler"):
         fast_scheduler(diffusers.PNDMScheduler())
+
+
+def table() -> str:
+    """The README's markdown table of :data:`ROWS` and :data:`PARITY` (the messages the fused steps raise)."""
+    lines = ["| call | exception | message | diffusers' own step |", "|---|---|---|---|"]
+    for name, call, _, _ in ROWS:
+        e = raised(lambda: call(fused()))
+        lines.append(f"| {name} | `{type(e).__name__}` | {str(e).replace('|', '/')} | |")
+    for name, cls, config, steps, call, _, _ in PARITY:
+        e = raised(lambda: call(fused(cls, steps, **config)))
+        lines.append(f"| {name} ({cls}) | `{type(e).__name__}` | {str(e).replace('|', '/')} | raises the same |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())

@@ -11,6 +11,7 @@ import seqgen_fast
 from seqgen_fast import functional as F
 from seqgen_fast._backend import BackendError
 from seqgen_fast.nn import GRU, LSTM, GRUCell, LSTMCell
+from support.utils import raised
 
 I, H, B, T = 3, 4, 2, 5
 
@@ -143,3 +144,19 @@ def test_forced_backend_that_cannot_take_the_inputs():
     with seqgen_fast.use_backend("triton"), pytest.raises(BackendError, match=r"forced backend 'triton' cannot take "
                                                                                 r"these inputs: dtype float64"):
         ours.double()(x(T, B, I).double())
+
+
+def table() -> str:
+    """The README's markdown table of :data:`ROWS` and :data:`FUNCTIONAL_ROWS` (the messages our calls raise)."""
+    lines = ["| call | exception | message | torch's own call |", "|---|---|---|---|"]
+    for name, pair, call, _, _ in ROWS:
+        e = raised(lambda: call(pair()[0]))
+        lines.append(f"| {name} | `{type(e).__name__}` | {str(e).replace('|', '/')} | raises the same |")
+    for name, call, _, _ in FUNCTIONAL_ROWS:
+        e = raised(call)
+        lines.append(f"| {name} | `{type(e).__name__}` | {str(e).replace('|', '/')} | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())

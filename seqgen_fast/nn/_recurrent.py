@@ -51,6 +51,18 @@ class SequenceInput:
                                f"{seq.data.device} and parameter tensor at {module.weight_ih_l0.device}")
         return seq
 
+    def initial_states(self, module: torch.nn.RNNBase, hx, names: str):
+        """The caller's ``hx`` (None, a tensor, or LSTM's pair) checked as torch's module checks it
+        (with its messages; ``names`` as torch's dimension message calls them), batched, and put in
+        a PackedSequence's sorted order."""
+        if hx is None:
+            module.check_input(self.data, self.batch_sizes)
+            return None
+        states = self.batched_states(tuple(hx) if isinstance(hx, (tuple, list)) else (hx,), names)
+        hx = states if len(states) > 1 else states[0]
+        module.check_forward_args(self.data, hx, self.batch_sizes)
+        return module.permute_hidden(hx, self.sorted_indices)
+
     def batched_states(self, states: tuple[torch.Tensor, ...], names: str) -> tuple[torch.Tensor, ...]:
         """The caller's states with the batch dim the input implies: each must be 3-D for batched
         input and 2-D for unbatched (torch's RuntimeError, naming ``names``, otherwise)."""

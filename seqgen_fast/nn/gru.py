@@ -50,12 +50,7 @@ class GRU(torch.nn.RNNBase):
 
     def forward(self, input, hx=None):
         seq = SequenceInput.of(self, input)
-        if hx is None:
-            self.check_input(seq.data, seq.batch_sizes)
-        else:
-            (hx,) = seq.batched_states((hx,), "hx")
-            self.check_forward_args(seq.data, hx, seq.batch_sizes)
-            hx = self.permute_hidden(hx, seq.sorted_indices)
+        hx = seq.initial_states(self, hx, "hx")
         weights = [getattr(self, name) for name in self._flat_weights_names]  # the current Parameters
         output, h_n = gru(seq.data, hx, weights, num_layers=self.num_layers, bias=self.bias,
                           batch_first=self.batch_first, dropout=self.dropout, training=self.training,

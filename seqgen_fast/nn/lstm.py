@@ -69,12 +69,7 @@ class LSTM(torch.nn.RNNBase):
 
     def forward(self, input, hx=None):
         seq = SequenceInput.of(self, input)
-        if hx is None:
-            self.check_input(seq.data, seq.batch_sizes)
-        else:
-            hx = seq.batched_states(tuple(hx), "hx and cx")
-            self.check_forward_args(seq.data, hx, seq.batch_sizes)
-            hx = self.permute_hidden(hx, seq.sorted_indices)
+        hx = seq.initial_states(self, hx, "hx and cx")
         weights = [getattr(self, name) for name in self._flat_weights_names]  # the current Parameters
         output, hidden = lstm(seq.data, hx, weights, num_layers=self.num_layers, bias=self.bias,
                               batch_first=self.batch_first, dropout=self.dropout, training=self.training,

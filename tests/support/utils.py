@@ -17,3 +17,12 @@ def assert_close_rel(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: st
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill ``t`` with NaN (floating) so an element the kernel fails to write is caught."""
     return t.fill_(float("nan"))
+
+
+def raised(call) -> BaseException:
+    """The exception ``call()`` raises (for tables of error messages); AssertionError if none."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - whatever the call raises is the answer
+        return e
+    raise AssertionError("the call raised nothing")
