@@ -446,20 +446,13 @@ def _hopper_cases():
 def test_hopper_default_configs_use_tma_and_wgmma_without_spills(case):
     """The ``tl`` kernels' Hopper lowering in its shipped and default configs: tiles move by TMA
     (cp.async.bulk.tensor), dots run on wgmma that ptxas keeps pipelined (no "serialized" note), no
-    register spills in the key loops (at most two words outside them: the D128 bool-mask forward sits
-    at 255 registers, and ptxas parks two tile-invariant words there with the NaN-keeping max,
-    loaded once per tile), shared memory fits. ``SEQGEN_FAST_AOT_PYTHON`` reruns it with another Triton."""
-    from support.aot import loop_bodies
-
+    register spills, shared memory fits. ``SEQGEN_FAST_AOT_PYTHON`` reruns it with another Triton."""
     kind, d, flags, cfg = case
     facts = compile_variant(_KERNEL[kind], d, d, cfg, dict(flags), tma=True)
     ptx = facts["ptx"]
     assert "cp.async.bulk.tensor" in ptx, "tiles are not moved by TMA"
     assert "wgmma.mma_async" in ptx, "dots did not lower to wgmma"
-    assert facts["spill_bytes"] <= 8, f"{facts['spill_bytes']} bytes spilled under triton {facts['triton']}"
-    loops = loop_bodies(facts["sass"], "HGMMA")
-    assert not facts["sass"] or loops, "no key loop found in the SASS"
-    assert not [b for b in loops if "LDL" in b or "STL" in b], "spill traffic in a key loop"
+    assert facts["spill_bytes"] == 0, f"{facts['spill_bytes']} bytes spilled under triton {facts['triton']}"
     assert not [w for w in facts["ptxas_warnings"] if "serialized" in w], facts["ptxas_warnings"]
     assert facts["shared"] <= 227 * 1024
 

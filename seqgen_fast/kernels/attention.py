@@ -611,7 +611,11 @@ def _preferred(kind: str, path: str, block_d: int, flags: dict, fused: bool) -> 
         return None
     heavy = bool(flags.get("HAS_MASK") or flags.get("DROPOUT"))  # the mask tile's or Philox's registers
     if kind == "fwd":
-        return (64, 64, 8, 2) if block_d > 128 else (128, 32, 8, 2) if heavy else (128, 64, 8, 3)
+        if block_d > 128:
+            return (64, 64, 8, 2)
+        if block_d > 64 and flags.get("MASK_BOOL") and flags.get("BAND_RIGHT"):
+            return (128, 16, 8, 2)  # causal + bool mask at D128: 128x32 sits at 255 registers and spills 8 B
+        return (128, 32, 8, 2) if heavy else (128, 64, 8, 3)
     if kind == "dkdv" and not fused:
         return (32, 128, 8, 2) if block_d <= 64 and not heavy else (16, 64, 8, 2) if block_d <= 128 else None
     if kind == "dq":

@@ -120,7 +120,6 @@ def float_max_forms(facts: dict) -> dict[str, int]:
             "drop_sass": len(re.findall(r"\bFMNMX\b", sass)) - len(re.findall(r"\bFMNMX\.NAN\b", sass))}
 
 
-
 def sass_loops(sass: str) -> list[tuple[int, int, str]]:
     """Every loop of a SASS listing (a backward branch to its head): (first line, last line, body)."""
     import re
@@ -135,13 +134,6 @@ def sass_loops(sass: str) -> list[tuple[int, int, str]]:
             loops.append((head, i, "\n".join(lines[head:i + 1])))
     return loops
 
-
-def loop_bodies(sass: str, opcode: str) -> list[str]:
-    """The SASS of every innermost loop (no other loop inside) whose body contains ``opcode``
-    (``HGMMA``: the attention kernels' key loops); empty without SASS."""
-    loops = sass_loops(sass)
-    return [body for h, e, body in loops if opcode in body
-            and not any(h <= h2 and e2 <= e and (h2, e2) != (h, e) for h2, e2, _ in loops)]
 
 if __name__ == "__main__":
     print(json.dumps(_compile(json.load(sys.stdin))))
