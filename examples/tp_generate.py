@@ -130,6 +130,7 @@ def main(argv=None) -> int:
         same = torch.equal(tokens, build().generate(prompt, args.tokens))
         print(f"{world} ranks on {args.device} ({str(dtype).removeprefix('torch.')}): generated {tuple(tokens.shape)}")
         print("tokens match the unsharded model" if same else "TOKENS DIFFER FROM THE UNSHARDED MODEL")
+    dist.barrier()  # every rank's collectives done (rank 0 also ran the unsharded model) before the group goes
     dist.destroy_process_group()
     return 0 if same else 1
 

@@ -94,6 +94,10 @@ def main(argv=None) -> int:
         tokens = world * args.batch * args.seq * args.steps
         print(f"{world} ranks on {args.device}: {args.steps} steps in {elapsed:.1f}s ({tokens / elapsed:.0f} tok/s)")
         print("replicas in sync" if in_sync else "REPLICAS DIFFER")
+    # DDP's reducer holds the process group: free it while the group is still registered (its last
+    # reference going later, from a destructor holding the GIL, can deadlock gloo's worker thread)
+    del ddp, opt
+    dist.barrier()  # every rank's collectives done before the group goes
     dist.destroy_process_group()
     return 0 if in_sync else 1
 
