@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import lstm
-from .lstm import STEP_MAX_BATCH, _tanh, block
+from .lstm import STEP_MAX_BATCH, _tanh, block, check_rows
 
 __all__ = ["cell_forward", "cell_backward", "cell_step", "STEP_MAX_BATCH"]
 
@@ -180,13 +180,6 @@ def cell_step(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.
     return h1
 
 
-def _check_rows(what: str, *tensors: torch.Tensor) -> None:
-    for name, t in zip(what.split(), tensors):
-        if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
-            raise ValueError(f"gru cell kernel: {name} must be a 2-D tensor with a contiguous last dim, "
-                             f"got shape {tuple(t.shape)} strides {t.stride()}")
-
-
 def cell_forward(xg: torch.Tensor, hg: torch.Tensor, h_prev: torch.Tensor, h_out: torch.Tensor,
                  act_out: torch.Tensor | None) -> None:
     """Fused cell forward (one launch): see ``seqgen_fast.reference.gru.cell_forward``."""
@@ -194,7 +187,7 @@ def cell_forward(xg: torch.Tensor, hg: torch.Tensor, h_prev: torch.Tensor, h_out
     if n == 0 or H == 0:
         return
     act = act_out if act_out is not None else h_out  # placeholder pointer, never written when SAVE=False
-    _check_rows("xg hg h_prev h_out act_out", xg, hg, h_prev, h_out, act)
+    check_rows("gru", "xg hg h_prev h_out act_out", xg, hg, h_prev, h_out, act)
     BLOCK = block(H)
     _cell_fwd_kernel[(n, triton.cdiv(H, BLOCK))](
         xg, xg.stride(0), hg, hg.stride(0), h_prev, h_prev.stride(0), h_out, h_out.stride(0), act, act.stride(0), H,
@@ -207,7 +200,7 @@ def cell_backward(dm: torch.Tensor, dh: torch.Tensor, act: torch.Tensor, h_prev:
     n, H = h_prev.shape
     if n == 0 or H == 0:
         return
-    _check_rows("dm dh act h_prev dxg_out dhg_out", dm, dh, act, h_prev, dxg_out, dhg_out)
+    check_rows("gru", "dm dh act h_prev dxg_out dhg_out", dm, dh, act, h_prev, dxg_out, dhg_out)
     BLOCK = block(H)
     _cell_bwd_kernel[(n, triton.cdiv(H, BLOCK))](
         dm, dm.stride(0), dh, dh.stride(0), act, act.stride(0), h_prev, h_prev.stride(0), dxg_out, dxg_out.stride(0),

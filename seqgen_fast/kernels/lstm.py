@@ -181,10 +181,12 @@ def block(H: int) -> int:
     return min(triton.next_power_of_2(H), 1024)
 
 
-def _check_rows(what: str, *tensors: torch.Tensor) -> None:
+def check_rows(kernel: str, what: str, *tensors: torch.Tensor) -> None:
+    """The pointwise cell kernels' layout: each of ``tensors`` (named by the words of ``what``) 2-D
+    with a contiguous last dim (rows through their stride); ValueError naming ``kernel`` otherwise."""
     for name, t in zip(what.split(), tensors):
         if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
-            raise ValueError(f"lstm cell kernel: {name} must be a 2-D tensor with a contiguous last dim, "
+            raise ValueError(f"{kernel} cell kernel: {name} must be a 2-D tensor with a contiguous last dim, "
                              f"got shape {tuple(t.shape)} strides {t.stride()}")
 
 
@@ -194,9 +196,9 @@ def cell_forward(pre: torch.Tensor, c_prev: torch.Tensor, m_out: torch.Tensor, c
     n, H = c_prev.shape
     if n == 0:
         return
-    _check_rows("pre c_prev m_out c_out", pre, c_prev, m_out, c_out)
+    check_rows("lstm", "pre c_prev m_out c_out", pre, c_prev, m_out, c_out)
     act = act_out if act_out is not None else pre  # placeholder pointer, never written when SAVE=False
-    _check_rows("act_out", act)
+    check_rows("lstm", "act_out", act)
     BLOCK = block(H)
     _cell_fwd_kernel[(n, triton.cdiv(H, BLOCK))](
         pre, pre.stride(0), c_prev, c_prev.stride(0), m_out, m_out.stride(0), c_out, c_out.stride(0),
@@ -209,7 +211,7 @@ def cell_backward(dm: torch.Tensor, dc: torch.Tensor, act: torch.Tensor, c_prev:
     n, H = c.shape
     if n == 0:
         return
-    _check_rows("dm dc act c_prev c dg_out", dm, dc, act, c_prev, c, dg_out)
+    check_rows("lstm", "dm dc act c_prev c dg_out", dm, dc, act, c_prev, c, dg_out)
     BLOCK = block(H)
     _cell_bwd_kernel[(n, triton.cdiv(H, BLOCK))](
         dm, dm.stride(0), dc, dc.stride(0), act, act.stride(0), c_prev, c_prev.stride(0), c, c.stride(0),

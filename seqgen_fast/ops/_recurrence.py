@@ -32,10 +32,12 @@ entry points (``seqgen_fast.ops.lstm``); the GRU's ops call :func:`forward` and 
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Optional
 
 import torch
 
+from .._backend import use_backend
 from ..reference.lstm import compute_dtype
 
 Pointwise = Callable[..., None]
@@ -282,3 +284,13 @@ def weight_grads(dG: torch.Tensor, dH: torch.Tensor | None, hs: torch.Tensor, cs
     m = gates[..., 3 * H:] * torch.tanh(cs)
     dw_hr = dH.reshape(T * B, dH.shape[-1]).t().to(w_hr.dtype) @ m.reshape(T * B, H).to(w_hr.dtype)
     return dw_hh, dw_hr
+
+
+def forcing(backend: Optional[str]):
+    """``backend`` forced for a whole public call (the dispatch of every layer and step) when given."""
+    return use_backend(backend) if backend is not None else contextlib.nullcontext()
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd will record a call on ``tensors`` (None entries are absent arguments)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -33,14 +33,13 @@ green contexts), decided before anything is launched.
 Non-finite values: the LSTM's policy (``seqgen_fast.ops.lstm``; tests/test_fuzz_recurrent.py) -- NaN
 and +-inf propagate as in ``torch.nn.GRU`` / ``GRUCell`` in the same dtype, on every backend.
 """
-import contextlib
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import Capabilities, dispatcher, use_backend
+from .._backend import Capabilities, dispatcher
 from ..kernels import gru_cuda
 from ..reference import gru as ref
 from . import _recurrence
@@ -199,17 +198,6 @@ def gru_cell_step(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def _scope(backend: Optional[str]):
-    """``backend`` forced for the whole call (forward dispatch of every layer) when given. Autocast
-    is off inside the public functions, their casts done once on entry (``autocast_as``): torch's
-    GRU, on the CPU, keeps the input's dtype, and on CUDA runs cuDNN's in float16."""
-    return use_backend(backend) if backend is not None else contextlib.nullcontext()
-
-
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _same_dtype_device(fn: str, ref_name: str, ref_t: Tensor, named: dict, place: Optional[str] = None) -> None:
     """torch's errors (RuntimeError) for tensors in ``named`` that do not share ``ref_t``'s device
     (with ``place``, the wording of torch's RNNs: "Input and <place> tensors ...") or dtype."""
@@ -249,7 +237,7 @@ def _layer_direction(x, weights, h0, batch_sizes, rev_idx, reverse):
     if reverse:
         xg = _recurrence.reverse(xg, rev_idx)
     xg, h0 = xg.contiguous(), h0.contiguous()
-    train = _needs_grad(xg, w_hh, b_hh, h0)
+    train = _recurrence.needs_grad(xg, w_hh, b_hh, h0)
     name = SEQ.select(xg, w_hh, b_hh, h0, batch_sizes, train=train)
     hs, h_n, _ = gru_sequence(xg, w_hh, b_hh, h0, batch_sizes, name, train)
     return (_recurrence.reverse(hs, rev_idx) if reverse else hs), h_n
@@ -307,7 +295,7 @@ def gru(input: Tensor, hx: Optional[Tensor], weights: Sequence[Tensor], *, num_l
         if tuple(h0.shape) != (num_layers * directions, B, H):
             raise RuntimeError(f"Expected hidden size {(num_layers * directions, B, H)}, got {list(h0.shape)}")
     rev_idx = _recurrence.reverse_index(batch_sizes, x.shape[0], B, x.device) if bidirectional else None
-    with _scope(backend):
+    with _recurrence.forcing(backend):
         x, finals = _recurrence.layers(
             x, lambda inp, k, reverse: _layer_direction(inp, per_ld[k], h0[k], batch_sizes, rev_idx, reverse),
             num_layers, directions, dropout if training else 0.0)
@@ -367,8 +355,8 @@ def gru_cell(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: O
         if b is not None and tuple(b.shape) != (3 * H,):
             raise RuntimeError(f"{fn}: {name} must have shape {(3 * H,)}, got {tuple(b.shape)}")
     h = h.contiguous()
-    with _scope(backend):
-        if not _needs_grad(x, h, w_ih, w_hh, b_ih, b_hh):
+    with _recurrence.forcing(backend):
+        if not _recurrence.needs_grad(x, h, w_ih, w_hh, b_ih, b_hh):
             x = x.contiguous()
             name = _cell_backend(x, h, w_ih, w_hh, b_ih, b_hh)
             if torch.compiler.is_compiling():

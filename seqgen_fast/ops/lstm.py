@@ -41,14 +41,13 @@ plain Python over shapes and dtypes (the device facts it needs are trace-time co
 ``kernels.lstm_cuda.launch_plan``), each op is one opaque node, and nothing traced reads a cache
 that the first call fills, so steps do not recompile.
 """
-import contextlib
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import Capabilities, dispatcher, use_backend
+from .._backend import Capabilities, dispatcher
 from ..kernels import lstm_cuda
 from ..reference import lstm as ref
 from . import _recurrence
@@ -257,15 +256,6 @@ def lstm_cell_step(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, 
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def _forcing(backend: Optional[str]):
-    """Force ``backend`` for the whole call (forward dispatch of every layer) when given."""
-    return use_backend(backend) if backend is not None else contextlib.nullcontext()
-
-
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _check_like(fn: str, ref_name: str, ref_t: Tensor, named: dict) -> None:
     """Every tensor in ``named`` must share ``ref_t``'s dtype and device; the message names both."""
     for name, t in named.items():
@@ -327,7 +317,7 @@ def _layer_direction(x, weights, h0, c0, batch_sizes, rev_idx, reverse):
         xg = _reverse(xg, rev_idx)
     xg = xg.contiguous()
     h0, c0 = h0.contiguous(), c0.contiguous()
-    train = _needs_grad(xg, w_hh, w_hr, h0, c0)
+    train = _recurrence.needs_grad(xg, w_hh, w_hr, h0, c0)
     name = SEQ.select(xg, w_hh, w_hr, h0, c0, batch_sizes, train=train)
     hs, h_n, c_n, _, _ = lstm_sequence(xg, w_hh, w_hr, h0, c0, batch_sizes, name, train)
     return (_reverse(hs, rev_idx) if reverse else hs), h_n, c_n
@@ -409,7 +399,7 @@ def lstm(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], weights: Sequence[T
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     rev_idx = _reverse_index(batch_sizes, T, B, x.device) if (batch_sizes is not None and bidirectional) else None
     h_n, c_n = [], []
-    with _forcing(backend):
+    with _recurrence.forcing(backend):
         for layer in range(num_layers):
             outs = []
             for d in range(directions):
@@ -472,8 +462,8 @@ def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, 
         _check_shape(fn, "b_ih", b_ih, (4 * H,))
         _check_shape(fn, "b_hh", b_hh, (4 * H,))
     h, c = h.contiguous(), c.contiguous()
-    with _forcing(backend):
-        if not _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh):
+    with _recurrence.forcing(backend):
+        if not _recurrence.needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh):
             x = input.contiguous()
             name = _cell_backend(x, h, c, w_ih, w_hh, b_ih, b_hh)
             if torch.compiler.is_compiling():
