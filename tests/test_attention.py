@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from seqgen_fast import BackendError, use_backend
+from seqgen_fast import BackendError, debug_checks, use_backend
 from seqgen_fast._contract import attention_output
 from seqgen_fast.functional import flash_attention, scaled_dot_product_attention
 from seqgen_fast.ops import attention as ops
@@ -627,14 +627,14 @@ def test_sequences_past_32_bit_offsets_go_to_another_backend():
 
 
 def test_varlen_offsets_past_the_end_are_clamped(device):
-    """flash_attention rejects offsets that are not prefix sums of the packed rows; below it (inside
-    a capture or a compiled graph, where nothing is checked on the host) the kernel clamps them
-    (no access outside k/v), matching the reference's slicing."""
+    """flash_attention rejects offsets that are not prefix sums of the packed rows under
+    debug_checks(); otherwise (the default: no host read) the kernel clamps them (no access outside
+    k/v), matching the reference's slicing."""
     q = rand(9, 2, 32, dtype=torch.float16, device=device)
     k = rand(12, 2, 32, dtype=torch.float16, device=device)
     cu_q = torch.tensor([0, 3, 9], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 9, 40], dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="cu_seqlens_k must be prefix sums"):
+    with debug_checks(), pytest.raises(ValueError, match="cu_seqlens_k must be prefix sums"):
         flash_attention(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=31)
     q4, k4 = (t.transpose(0, 1)[None] for t in (q, k))
     out = ops.attention(q4, k4, k4, None, cu_q, cu_k, 6, 31, scale=0.2, causal=BOTTOM_RIGHT, backend="triton")[0]
@@ -740,7 +740,7 @@ def test_flash_attention_bad_input(name, words):
         "dtype": ((q, k.float(), v), {}),
     }
     args, kw = cases[name]
-    with pytest.raises((ValueError, TypeError), match=words):
+    with debug_checks(), pytest.raises((ValueError, TypeError), match=words):  # cu_values: a host-read check
         flash_attention(*args, **kw)
 
 

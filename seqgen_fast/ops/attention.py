@@ -200,10 +200,10 @@ def _check_cu(fn, name, cu, q):
 
 def _check_offsets(fn, name, cu, rows) -> None:
     """cu_seqlens must be prefix sums: start at 0, never decrease, end within the packed rows. The
-    check reads them on the host (one small device-to-host copy); it is skipped while a CUDA graph
-    is being captured or torch.compile traces, where the kernels' clamping keeps every access
-    inside q, k, v."""
-    if not _debug.host_reads_allowed(cu):
+    check reads them on the host (a device-to-host copy), so it runs only under
+    ``seqgen_fast.debug_checks()`` and never while a CUDA graph is captured or torch.compile traces;
+    otherwise the kernels' clamping keeps every access inside q, k, v (as for decode's lengths)."""
+    if not (_debug.enabled() and _debug.host_reads_allowed(cu)):
         return
     c = cu.tolist()
     if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] > rows:
@@ -259,8 +259,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     Varlen (``cu_seqlens_q``/``cu_seqlens_k`` given): sequences packed along the first dim,
     ``q (total_q, H, E)``, ``k (total_k, Hk, E)``, ``v (total_k, Hk, Ev)`` -> ``out (total_q, H, Ev)``;
     sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and likewise for k/v
-    (``cu_seqlens_*``: (batch+1,) int32/int64 prefix sums starting at 0, checked on the host in
-    eager mode). ``max_seqlen_*`` size the grid; when omitted they are read from ``cu_seqlens_*``
+    (``cu_seqlens_*``: (batch+1,) int32/int64 prefix sums starting at 0, checked on the host under
+    ``seqgen_fast.debug_checks()``). ``max_seqlen_*`` size the grid; when omitted they are read from ``cu_seqlens_*``
     (a device-to-host read, not possible inside a CUDA-graph capture or a fullgraph compile). When
     given (flash-attn's contract) they must be the longest lengths: a smaller value leaves rows
     uncomputed. The kernels clamp every offset into the packed rows.
