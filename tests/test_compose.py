@@ -205,11 +205,6 @@ SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "Euler
               "FlowMatchEulerDiscreteScheduler"]
 
 
-@pytest.mark.xfail(strict=True, raises=(torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError),
-                   reason="open (diffusion family): the fused step decides on the host -- FastScheduler._sf's "
-                          "object.__getattribute__, coefficient tables built with numpy at the first step, "
-                          "_integer_timestep's comparisons of the timestep's value, diffusers' index_for_timestep -- "
-                          "each a graph break under fullgraph")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cls", SCHEDULERS)
 def test_fused_scheduler_step_compiles_fullgraph_without_recompiling(cls, device):

@@ -11,8 +11,9 @@ and runs one fused kernel (two more small passes with dynamic thresholding or gu
 The fused subclass can also be constructed directly (``fast_class(DDIMScheduler)(**config)``).
 
 The coefficient tables (``seqgen_fast.diffusion.tables``) are computed in float64 on the host from
-the scheduler's schedule the first time a step needs them and cached on the device until the
-schedule objects change (``set_timesteps``, a new ``alphas_cumprod``...). ``timestep`` may be a
+the scheduler's schedule the first time a step needs them, and cached on the device. When the
+schedule objects change (``set_timesteps``, a new ``alphas_cumprod``...), every table used so far is
+rebuilt: ``set_timesteps`` rebuilds them at once, so that compiled steps find them. ``timestep`` may be a
 (B,) tensor: each sample steps at its own timestep (DDPM/DDIM/LCM-style: the row of that timestep;
 sigma schedules: the position of that timestep in ``timesteps``), and the step-index counter is
 left alone. State updates (step index, solver history, ``lower_order_nums``, UniPC's
@@ -25,6 +26,10 @@ of that size advances it. Otherwise the noise is drawn in the kernel from (seed,
 fixed at construction (``seed=``) and the offset advanced by one each noisy step: reproducible per
 backend (the Triton, CUDA and reference streams differ) and per memory layout.
 
+Inside ``torch.compile`` the step traces with ``fullgraph=True``: diffusers' int counters and the noise
+offset are kept on the device, and the coefficient rows are chosen there (``seqgen_fast.diffusion.compiled``
+says how, and what differs from an eager step).
+
 A call the fused step does not take (a UniPC ``solver_p``, flow matching's ``per_token_timesteps``,
 a combination diffusers itself rejects...) runs diffusers' own ``step`` with the same arguments
 (guidance applied first), so its result and its errors are diffusers'; the reason is logged at
@@ -32,6 +37,7 @@ debug level on the ``seqgen_fast.diffusion`` logger.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -42,7 +48,7 @@ import torch
 
 from .. import _contract as C
 from ..ops import diffusion as ops
-from . import configs, tables
+from . import compiled, configs, tables
 
 log = logging.getLogger("seqgen_fast.diffusion")
 
@@ -56,6 +62,8 @@ class _Table:
     rows: np.ndarray                       # (rows, NCOEF) float64 on the host
     coef: torch.Tensor                     # (rows, NCOEF) float32 on the device
     schedule: torch.Tensor | None = None   # (n,) float32 schedule timesteps for device lookups
+    build: tuple = ()                      # (builder, its arguments after the scheduler): to rebuild it
+    churn: bool = False                    # some row adds Euler's churn noise
 
 
 @dataclass
@@ -68,6 +76,8 @@ class _State:
     offset: int = 0
     rng_offset: torch.Tensor | None = None   # device-side offset added to ``offset`` (graph capture)
     tables: dict = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)  # tables built while a step was traced (compiled.table_while_tracing)
+    compiled_offset: torch.Tensor | None = None  # the device part of the noise offset of compiled steps
     source: tuple = (None,) * 9        # the schedule objects the tables were computed from (FastScheduler._source)
     source_ids: tuple = ()
     graphs: dict = field(default_factory=dict)  # sampling.sample's captured loops
@@ -92,15 +102,15 @@ class FastScheduler:
     _output: type = None      # the output dataclass of the wrapped step
     _fused = None             # the fused step of the kind (``_STEPS``)
 
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj._sf_state = _State(seed=_new_seed())
+        return obj
+
     # -- seqgen_fast's own options -------------------------------------------------------------
     @property
     def _sf(self) -> _State:
-        try:
-            return object.__getattribute__(self, "_sf_state")
-        except AttributeError:
-            state = _State(seed=_new_seed())
-            object.__setattr__(self, "_sf_state", state)
-            return state
+        return self._sf_state
 
     seed = property(lambda self: self._sf.seed, lambda self, v: setattr(self._sf, "seed", int(v)),
                     doc="The seed of the in-kernel noise stream.")
@@ -140,29 +150,53 @@ class FastScheduler:
                 d.get("custom_timesteps"), d.get("variance_type"), d.get("_internal_dict"),
                 d.get("final_alpha_cumprod"), tuple(d.get("disable_corrector") or ()))
 
-    def _table(self, key: tuple, device: torch.device, build, schedule: bool = False) -> _Table:
+    def _table(self, device: torch.device, build, *args, schedule: bool = False) -> _Table:
+        """The table ``build(self, *args)`` (``tables``; ``schedule``: with the schedule's timesteps) on ``device``."""
         sf = self._sf
+        key = (build.__name__, *args, device)
+        if torch.compiler.is_dynamo_compiling():
+            tab = sf.tables.get(key)
+            return tab if tab is not None else compiled.table_while_tracing(self, key, build, args, schedule)
         src = self._source()
         # identities: sf.source holds the previous objects, so their ids cannot have been reused
         if tuple(map(id, src[:-1])) != sf.source_ids or src[-1] != sf.source[-1]:
-            sf.tables.clear()
-            sf.source, sf.source_ids = src, tuple(map(id, src[:-1]))
-        tab = sf.tables.get((key, device))
+            self._refresh_tables()
+        tab = sf.tables.get(key)
         if tab is None:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(f"{type(self).__name__}.step: a coefficient table is built inside a CUDA-graph "
                                    "capture; run the loop once eagerly first (seqgen_fast.diffusion.sample does)")
-            rows = tables.mark_absent(build())
-            sched = None
-            if schedule:
-                sched = torch.as_tensor(tables.host(self.timesteps), dtype=torch.float32).to(device)
-            tab = sf.tables[(key, device)] = _Table(rows, torch.as_tensor(rows, dtype=torch.float32).to(device), sched)
+            tab = sf.tables[key] = sf.pending.pop(key, None) or self._build_table(device, build, args, schedule)
         return tab
+
+    def _build_table(self, device: torch.device, build, args: tuple, schedule: bool) -> _Table:
+        rows = tables.mark_absent(build(self, *args))
+        sched = torch.as_tensor(tables.host(self.timesteps), dtype=torch.float32).to(device) if schedule else None
+        return _Table(rows, torch.as_tensor(rows, dtype=torch.float32).to(device), sched, (build, args),
+                      rows.shape[1] == C.NCOEF and bool((rows[:, C.CPN] > 0).any()))
+
+    def _refresh_tables(self) -> None:
+        """Every table used so far rebuilt from the current schedule (``set_timesteps``, a schedule object
+        replaced). One whose builder now fails (a key the new schedule has no row for) is dropped: it is built
+        again, with its error, when a step needs it."""
+        sf = self._sf
+        used = {**sf.pending, **sf.tables}
+        sf.tables, sf.pending = {}, {}
+        src = self._source()
+        sf.source, sf.source_ids = src, tuple(map(id, src[:-1]))
+        for key, tab in used.items():
+            try:
+                sf.tables[key] = self._build_table(key[-1], *tab.build, tab.schedule is not None)
+            except (ValueError, IndexError, TypeError, ZeroDivisionError):
+                pass
 
     # -- the step --------------------------------------------------------------------------------
     def _fused_step(self, opts: dict, guidance_scale, guidance_rescale, variance_noise):
         """The step: ``opts`` are the wrapped step's arguments by name (bound by the generated ``step``)."""
-        call = _Call(self, opts, guidance_scale, guidance_rescale, variance_noise)
+        traced = torch.compiler.is_dynamo_compiling()
+        if not traced:
+            compiled.to_host(self)
+        call = _Call(self, opts, guidance_scale, guidance_rescale, variance_noise, traced)
         try:
             return self._fused(self, call)
         except Unfused as why:
@@ -172,7 +206,8 @@ class FastScheduler:
 
 def _rebuild(cls: type, state: dict, options: tuple):
     """Unpickle / copy a fused scheduler (``FastScheduler.__reduce_ex__``)."""
-    obj = object.__new__(fast_class(cls))
+    made = fast_class(cls)
+    obj = made.__new__(made)
     obj.__dict__.update(state)
     sf = obj._sf
     sf.seed, sf.write_x0, sf.backend, sf.offset = options
@@ -183,10 +218,12 @@ class _Call:
     """One step call: the bound arguments, the model output split for guidance, noise and launch helpers."""
 
     __slots__ = ("s", "sf", "opts", "guidance_scale", "guidance_rescale", "variance_noise", "cfg", "u", "k",
-                 "sample", "device")
+                 "sample", "device", "traced", "index")
 
-    def __init__(self, s: FastScheduler, opts: dict, guidance_scale, guidance_rescale, variance_noise):
+    def __init__(self, s: FastScheduler, opts: dict, guidance_scale, guidance_rescale, variance_noise, traced: bool):
         self.s, self.sf, self.opts = s, s._sf, opts
+        self.traced = traced  # inside torch.compile: the state on the device (``compiled``)
+        self.index = None     # traced: the step index, a (1,) device tensor
         mo, sample = opts["model_output"], opts["sample"]
         if not isinstance(sample, torch.Tensor) or not isinstance(mo, torch.Tensor):
             raise TypeError(f"{type(s).__name__}.step: sample and model_output must be tensors, got "
@@ -259,10 +296,11 @@ class _Call:
 
     # -- noise --
     def noise(self, noisy: bool, shape, dtype, out_shape) -> tuple:
-        """(noise_mode, noise tensor, seed, offset, own stream) of a step; diffusers draws ``shape`` in ``dtype``."""
+        """(noise_mode, noise tensor, seed, offset, device offset or None) of a step; diffusers draws ``shape``
+        in ``dtype``."""
         sf = self.sf
         if not noisy:
-            return 0, None, sf.seed, 0, False
+            return 0, None, sf.seed, 0, None
         given = self.variance_noise
         gen = self.opts.get("generator")
         if given is not None:
@@ -273,16 +311,18 @@ class _Call:
             except RuntimeError:
                 raise ValueError(f"{type(self.s).__name__}.step: variance_noise has shape {tuple(given.shape)}, "
                                  f"expected {tuple(out_shape)}") from None
-            return 1, given.to(self.device), sf.seed, 0, False
+            return 1, given.to(self.device), sf.seed, 0, None
         if gen is not None:
             cuda_gen = not isinstance(gen, list) and torch.device(gen.device).type == "cuda" and self.device.type == "cuda"
             if cuda_gen:
                 seed, offset = configs.generator_key(gen, int(torch.Size(shape).numel()))
-                return 2, None, seed, offset, False
-            return 1, configs.randn_like_diffusers(shape, gen, self.device, dtype), sf.seed, 0, False
+                return 2, None, seed, offset, None
+            return 1, configs.randn_like_diffusers(shape, gen, self.device, dtype), sf.seed, 0, None
+        if self.traced:
+            return 2, None, sf.seed, sf.offset, compiled.noise_offset(sf, self.device)
         offset = sf.offset
         sf.offset += 1
-        return 2, None, sf.seed, offset, True
+        return 2, None, sf.seed, offset, sf.rng_offset
 
     # -- timesteps --
     def per_sample(self) -> torch.Tensor | None:
@@ -291,11 +331,11 @@ class _Call:
             return t
         return None
 
-    def run(self, tab: _Table, key: int, ts, out_shape, *, u=None, k=None, x0_mode=0, noise=(0, None, 0, 0, False),
+    def run(self, tab: _Table, key: int, ts, out_shape, *, u=None, k=None, x0_mode=0, noise=(0, None, 0, 0, None),
             var_mode=0, variance=None, last=None, history=(), out_dtype, aux_dtype=None, conv_dtype=None,
             xs_dtype=None, lookup="rows"):
         """The fused op on this call (``seqgen_fast.ops.diffusion.step``, its argument tuple built here)."""
-        s, cfg, sf = self.s, self.s.config, self.sf
+        s, cfg = self.s, self.s.config
         u = self.u if u is None else u
         k = self.k if k is None and self.cfg else k
         B = out_shape[0]
@@ -308,15 +348,15 @@ class _Call:
             if ts.numel() not in (1, B):
                 raise ValueError(f"{type(s).__name__}.step: timestep must be a scalar or a ({B},) tensor, "
                                  f"got shape {tuple(ts.shape)}")
-        mode, n, seed, offset, own = noise
+        mode, n, seed, offset, rng = noise
         sample = self.sample if self.sample.shape == out_shape else self.sample.expand(out_shape)
         h1, h2, h3 = (tuple(history) + (None, None, None))[:3]
         args = (sample, u, k, variance, last, h1, h2, h3, n if mode == 1 else None, tab.coef, key, ts,
                 tab.schedule if (ts is not None and lookup == "schedule") else None, gscale, per_g, None, x0_mode,
                 float(cfg.get("clip_sample_range", 1.0)), None, mode, var_mode, seed, offset % 2**64,
-                sf.rng_offset if own else None, out_dtype, aux_dtype, conv_dtype, xs_dtype)
+                rng, out_dtype, aux_dtype, conv_dtype, xs_dtype)
         return ops.step(args, self.guidance_rescale, cfg.get("dynamic_thresholding_ratio", 0.995),
-                        cfg.get("sample_max_value", 1.0), sf.backend)
+                        cfg.get("sample_max_value", 1.0), self.sf.backend)
 
     def output(self, prev, aux=None):
         s = self.s
@@ -338,12 +378,15 @@ def _x0_dtype(cfg, s_dt, m_dt):
 
 
 def _integer_timestep(call: _Call, T: int, valid) -> tuple[int, torch.Tensor | None]:
-    """(host row, device timesteps) of an integer-timestep kind; diffusers' own rejections, named."""
+    """(host row, device timesteps) of an integer-timestep kind; diffusers' own rejections, named. Traced
+    (and for device timesteps), the timestep's row is found on the device: one off the schedule is a NaN row."""
     s = call.s
     t = call.opts["timestep"]
     vals = None
+    if call.traced and not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
     if isinstance(t, torch.Tensor):
-        if not t.is_cpu:
+        if not t.is_cpu or call.traced:
             if t.dim() > 1:
                 raise ValueError(f"{type(s).__name__}.step: timestep must be a scalar or a (B,) tensor, got shape "
                                  f"{tuple(t.shape)}")
@@ -369,7 +412,8 @@ def _integer_timestep(call: _Call, T: int, valid) -> tuple[int, torch.Tensor | N
 
 
 def _indexed(call: _Call, integer_ok: bool = False) -> tuple[int, torch.Tensor | None]:
-    """(step index, None) from diffusers' own step-index bookkeeping, or (-1, per-sample timesteps)."""
+    """(step index, None) from diffusers' own step-index bookkeeping, or (-1, per-sample timesteps); traced,
+    (-1, the step index as a device tensor), also kept in ``call.index``."""
     s = call.s
     name = type(s).__name__
     t = call.opts["timestep"]
@@ -378,15 +422,31 @@ def _indexed(call: _Call, integer_ok: bool = False) -> tuple[int, torch.Tensor |
                          f"`{name}.step()` is not supported (as diffusers); pass one of `scheduler.timesteps`")
     per = call.per_sample()
     if per is not None:
-        if per.device.type == "cpu":
+        if per.device.type == "cpu" and not call.traced:
             known = set(tables.host(s.timesteps).astype(np.float32).tolist())
             bad = [v for v in per.to(torch.float32).tolist() if v not in known]
             if bad:
                 raise ValueError(f"timestep: {bad[0]:g} is not one of {name}.timesteps")
         return -1, per
+    if call.traced:
+        call.index = compiled.step_index(s, t, call.device)
+        return -1, call.index
     if s.step_index is None:
         s._init_step_index(t)
     return s.step_index, None
+
+
+def _advance(s, call: _Call, key: int) -> None:
+    """diffusers' step index moved on (not for per-sample timesteps)."""
+    if key >= 0:
+        s._step_index += 1
+    elif call.index is not None:
+        compiled.store(s, "_step_index", call.index + 1)
+
+
+def _lookup(call: _Call) -> str:
+    """How the kernel finds a step's row from ``ts``: the step index traced, else the timestep's position."""
+    return "rows" if call.index is not None else "schedule"
 
 
 def _need_steps(s):
@@ -419,7 +479,7 @@ def _step_ddpm(s: FastScheduler, call: _Call):
         raise Unfused(f"variance_type {vt!r} with a model output that carries no variance channels")
     out_shape = call.shape(u)
     T = cfg.num_train_timesteps
-    tab = s._table(("ddpm", vt), call.device, lambda: tables.ddpm_rows(s, vt))
+    tab = s._table(call.device, tables.ddpm_rows, vt)
     key, ts = _integer_timestep(call, T, lambda t: 0 <= t < T and not np.isnan(tab.rows[t, C.AX]))
     noisy = key != 0
     m_dt = u.dtype
@@ -443,7 +503,7 @@ def _step_ddim(s: FastScheduler, call: _Call):
                          " `variance_noise` stays `None`.")
     T = cfg.num_train_timesteps
     out_shape = call.shape(call.u)
-    tab = s._table(("ddim", eta, clipped), call.device, lambda: tables.ddim_rows(s, eta, clipped))
+    tab = s._table(call.device, tables.ddim_rows, eta, clipped)
     key, ts = _integer_timestep(call, T, lambda t: 0 <= t < T)
     noise = call.noise(eta > 0, call.u.shape, call.u.dtype, out_shape)
     m_dt = call.u.dtype
@@ -461,10 +521,10 @@ def _step_euler(s: FastScheduler, call: _Call):
                                   "as diffusers)")
     key, ts = _indexed(call)
     if ancestral:
-        tab = s._table(("ea",), call.device, lambda: tables.euler_ancestral_rows(s), schedule=True)
+        tab = s._table(call.device, tables.euler_ancestral_rows, schedule=True)
     else:
         churn = tuple(float(o[n]) for n in ("s_churn", "s_tmin", "s_tmax", "s_noise"))
-        tab = s._table(("euler",) + churn, call.device, lambda: tables.euler_rows(s, *churn), schedule=True)
+        tab = s._table(call.device, tables.euler_rows, *churn, schedule=True)
     if key >= 0:
         _check_index(s, key, tab.rows.shape[0])
     out_shape = call.shape(call.u)
@@ -472,13 +532,12 @@ def _step_euler(s: FastScheduler, call: _Call):
     if ancestral:
         noisy = True
     else:
-        noisy = bool(tab.rows[key, C.CPN] > 0) if key >= 0 else bool((tab.rows[:, C.CPN] > 0).any())
+        noisy = bool(tab.rows[key, C.CPN] > 0) if key >= 0 else tab.churn
     noise = call.noise(noisy, call.u.shape, m_dt, out_shape)
     x0_dt = m_dt if s.config.prediction_type in ("sample", "original_sample") else _promote(torch.float32, m_dt)
     prev, x0, _, _ = call.run(tab, key, ts, out_shape, noise=noise, out_dtype=m_dt,
-                              aux_dtype=x0_dt if call.sf.write_x0 else None, lookup="schedule")
-    if key >= 0:
-        s._step_index += 1
+                              aux_dtype=x0_dt if call.sf.write_x0 else None, lookup=_lookup(call))
+    _advance(s, call, key)
     return call.output(prev, x0 if call.sf.write_x0 else None)
 
 
@@ -527,35 +586,39 @@ def _step_dpm(s: FastScheduler, call: _Call):
     if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
         u, k = u[:, :3], (k[:, :3] if k is not None else None)
     out_shape = call.shape(u)
-    if key >= 0:
-        _check_index(s, key, len(s.timesteps))
-        order = tables.dpm_order(s, key, s.lower_order_nums)
-    else:
-        order = 0  # per sample: diffusers' order rule of a run from index 0
-    if order == 3 and algo == "sde-dpmsolver":
-        raise Unfused("sde-dpmsolver has no third-order update in diffusers")
-    if order:
-        tab = s._table(("dpm", order), call.device, lambda: tables.dpm_rows(s, order), schedule=True)
-    else:  # each index at the order a run from index 0 takes there, capped by the history there is
-        order = max(1, min(cfg.solver_order, s.lower_order_nums + 1))
-
-        def seq():
-            per = [tables.dpm_rows(s, o) for o in range(1, order + 1)]
-            return np.stack([per[min(tables.dpm_order(s, i, i), order) - 1][i] for i in range(len(s.timesteps))])
-        tab = s._table(("dpm", "sequence", order), call.device, seq, schedule=True)
-    history = _history(s, order - 1, out_shape)
     thresholding = bool(cfg.thresholding)
     conv_dt = _conv_dtype(cfg, x0_form, call.sample.dtype, u.dtype, thresholding)
+    if call.index is not None:  # traced: the order min(its rule, lower_order_nums + 1) chosen on the device
+        order = cfg.solver_order
+        if order == 3 and algo == "sde-dpmsolver":
+            raise NotImplementedError(f"{type(s).__name__}.step under torch.compile: sde-dpmsolver at solver_order "
+                                      "3 (diffusers has no third-order update for it; eagerly its own step runs)")
+        lower = compiled.counter(s, "lower_order_nums", call.device)
+        rule = s._table(call.device, tables.dpm_max_orders).coef
+        ts = compiled.row(torch.minimum(compiled.at(rule, call.index), lower + 1) - 1, call.index, len(s.timesteps))
+        tab = s._table(call.device, tables.dpm_stacked_rows, schedule=True)
+        compiled.fill_history(s, out_shape, conv_dt, call.device)
+    elif key >= 0:
+        _check_index(s, key, len(s.timesteps))
+        order = tables.dpm_order(s, key, s.lower_order_nums)
+        if order == 3 and algo == "sde-dpmsolver":
+            raise Unfused("sde-dpmsolver has no third-order update in diffusers")
+        tab = s._table(call.device, tables.dpm_rows, order, schedule=True)
+    else:  # per sample: each index at the order a run from index 0 takes there, capped by the history there is
+        order = max(1, min(cfg.solver_order, s.lower_order_nums + 1))
+        tab = s._table(call.device, tables.dpm_sequence_rows, order, schedule=True)
+    history = _history(s, order - 1, out_shape)
     noise = call.noise(algo.startswith("sde"), u.shape, torch.float32, out_shape)
     if noise[0] == 1:
         noise = (1, noise[1].to(torch.float32)) + noise[2:]
     prev, _, conv, _ = call.run(tab, key, ts, out_shape, u=u, k=k, x0_mode=2 if thresholding else 0, noise=noise,
-                                history=history, out_dtype=conv_dt, conv_dtype=conv_dt, lookup="schedule")
+                                history=history, out_dtype=conv_dt, conv_dtype=conv_dt, lookup=_lookup(call))
     _shift(s, conv)
-    if s.lower_order_nums < cfg.solver_order:
+    if call.index is not None:
+        compiled.store(s, "lower_order_nums", torch.clamp(lower + 1, max=cfg.solver_order))
+    elif s.lower_order_nums < cfg.solver_order:
         s.lower_order_nums += 1
-    if key >= 0:
-        s._step_index += 1
+    _advance(s, call, key)
     return call.output(prev)
 
 
@@ -569,25 +632,47 @@ def _step_unipc(s: FastScheduler, call: _Call):
     if call.per_sample() is not None:
         raise ValueError(f"{type(s).__name__}.step: per-sample timesteps are not supported for UniPC (its corrector "
                          "reads one shared last_sample)")
-    key, _ = _indexed(call, integer_ok=True)
-    _check_index(s, key, len(s.timesteps))
-    p, c, this = tables.unipc_orders(s, key, s.lower_order_nums, s.last_sample is not None)
+    key, ts = _indexed(call, integer_ok=True)
     out_shape = call.shape(call.u)
-    tab = s._table(("unipc", p, c), call.device, lambda: tables.unipc_rows(s, p, c), schedule=True)
-    history = _history(s, max(c, p - 1), out_shape)
-    last = s.last_sample if c else None
     x0_form = bool(cfg.predict_x0)
     thresholding = bool(cfg.thresholding) and x0_form
     conv_dt = _conv_dtype(cfg, x0_form, call.sample.dtype, call.u.dtype, False)
-    cur_dt = last.dtype if c else call.sample.dtype
-    prev, _, conv, xs = call.run(tab, key, None, out_shape, x0_mode=2 if thresholding else 0, history=history,
-                                 last=last, out_dtype=cur_dt, conv_dtype=conv_dt, xs_dtype=cur_dt if c else None)
-    _shift(s, conv, call.opts["timestep"])
-    s.this_order = this
-    s.last_sample = xs if c else call.sample
-    if s.lower_order_nums < cfg.solver_order:
-        s.lower_order_nums += 1
-    s._step_index += 1
+    if call.index is not None:  # traced: the predictor and corrector orders chosen on the device
+        order, i = cfg.solver_order, call.index
+        lower = compiled.counter(s, "lower_order_nums", call.device)
+        select = s._table(call.device, tables.unipc_selectors).coef
+        p = torch.minimum(compiled.at(select, i, 0), lower + 1)
+        last = s.last_sample
+        c = torch.zeros_like(p) if last is None else \
+            torch.where(compiled.at(select, i, 1) > 0, compiled.counter(s, "this_order", call.device), 0)
+        ts = compiled.row((p - 1) * (order + 1) + c, i, len(s.timesteps))
+        tab = s._table(call.device, tables.unipc_stacked_rows, schedule=True)
+        compiled.fill_history(s, out_shape, conv_dt, call.device, call.opts["timestep"])
+        history = _history(s, order, out_shape)
+    else:
+        _check_index(s, key, len(s.timesteps))
+        p, c, this = tables.unipc_orders(s, key, s.lower_order_nums, s.last_sample is not None)
+        tab = s._table(call.device, tables.unipc_rows, p, c, schedule=True)
+        history = _history(s, max(c, p - 1), out_shape)
+        last = s.last_sample if c else None
+    cur_dt = call.sample.dtype if last is None else last.dtype
+    # traced, the state never holds an input tensor or a view of one (each would be a graph input aliasing
+    # another at the next step): last_sample is the kernel's copy of the sample, timestep_list a copy of t
+    keep_xs = last is not None or call.traced
+    prev, _, conv, xs = call.run(tab, key, ts, out_shape, x0_mode=2 if thresholding else 0, history=history,
+                                 last=last, out_dtype=cur_dt, conv_dtype=conv_dt,
+                                 xs_dtype=cur_dt if keep_xs else None, lookup="rows")
+    t = call.opts["timestep"]
+    _shift(s, conv, torch.as_tensor(t).clone() if call.traced else t)
+    s.last_sample = xs if keep_xs else call.sample
+    if call.index is not None:
+        compiled.store(s, "this_order", p)
+        compiled.store(s, "lower_order_nums", torch.clamp(lower + 1, max=order))
+    else:
+        s.this_order = this
+        if s.lower_order_nums < cfg.solver_order:
+            s.lower_order_nums += 1
+    _advance(s, call, key)
     return call.output(prev)
 
 
@@ -596,25 +681,28 @@ def _step_lcm(s: FastScheduler, call: _Call):
     cfg = s.config
     key, ts = _indexed(call, integer_ok=True)
     out_shape = call.shape(call.u)
-    tab = s._table(("lcm",), call.device, lambda: tables.lcm_rows(s), schedule=True)
+    tab = s._table(call.device, tables.lcm_rows, schedule=True)
     if key >= 0:
         _check_index(s, key, tab.rows.shape[0])
         noisy = key != s.num_inference_steps - 1
         t = call.opts["timestep"]
         t_host = None if isinstance(t, torch.Tensor) and t.device.type != "cpu" else float(t)
         if t_host is not None and t_host != float(tables.host(s.timesteps)[key]):  # a timestep off its index
-            tab = s._table(("lcm", t_host, key), call.device, lambda: tables.lcm_row(s, t_host, key, noisy)[None])
+            tab = s._table(call.device, tables.lcm_single_row, t_host, key, noisy)
             key = 0
     else:
         noisy = True
+        if call.index is not None:  # traced: a timestep off its index (a row of its own eagerly) is a NaN row
+            schedule = s.timesteps.to(call.device)
+            here = schedule.index_select(0, call.index.clamp(0, schedule.shape[0] - 1))
+            ts = torch.where(here == torch.as_tensor(call.opts["timestep"], device=call.device).to(here.dtype), ts, -1)
     m_dt = call.u.dtype
     x0_dt = _x0_dtype(cfg, call.sample.dtype, m_dt)
     den_dt = _promote(x0_dt, call.sample.dtype)
     noise = call.noise(noisy, call.u.shape, den_dt, out_shape)
     prev, den, _, _ = call.run(tab, key, ts, out_shape, x0_mode=_x0_mode(cfg), noise=noise, out_dtype=den_dt,
-                               aux_dtype=den_dt, lookup="schedule")
-    if key >= 0:
-        s._step_index += 1
+                               aux_dtype=den_dt, lookup=_lookup(call))
+    _advance(s, call, key)
     return call.output(prev, den)
 
 
@@ -622,14 +710,13 @@ def _step_flow(s: FastScheduler, call: _Call):
     if call.opts.get("per_token_timesteps") is not None:
         raise Unfused("per_token_timesteps")
     key, ts = _indexed(call)
-    tab = s._table(("flow",), call.device, lambda: tables.flow_rows(s), schedule=True)
+    tab = s._table(call.device, tables.flow_rows, schedule=True)
     if key >= 0:
         _check_index(s, key, tab.rows.shape[0])
     out_shape = call.shape(call.u)
     noise = call.noise(bool(s.config.stochastic_sampling), call.sample.shape, torch.float32, out_shape)
-    prev, _, _, _ = call.run(tab, key, ts, out_shape, noise=noise, out_dtype=call.u.dtype, lookup="schedule")
-    if key >= 0:
-        s._step_index += 1
+    prev, _, _, _ = call.run(tab, key, ts, out_shape, noise=noise, out_dtype=call.u.dtype, lookup=_lookup(call))
+    _advance(s, call, key)
     return call.output(prev)
 
 
@@ -684,6 +771,20 @@ def _step_function(cls: type, base: type):
     return step, tuple(names)
 
 
+def _set_timesteps_function(cls: type):
+    """``cls.set_timesteps`` (its signature: pipelines inspect it), then every table used so far rebuilt for the
+    new schedule, so that compiled steps find them (``compiled``)."""
+    inner = cls.set_timesteps
+
+    @functools.wraps(inner)
+    def set_timesteps(self, *args, **kwargs):
+        out = inner(self, *args, **kwargs)
+        if self._sf.tables or self._sf.pending:
+            self._refresh_tables()
+        return out
+    return set_timesteps
+
+
 def fast_class(cls: type) -> type:
     """The fused subclass of diffusers scheduler class ``cls`` (made once per class, cached).
 
@@ -706,7 +807,7 @@ def fast_class(cls: type) -> type:
     kind = configs.kind_of(base)
     made = type(cls.__name__, (FastScheduler, cls), {
         "__slots__": ("_sf_state",), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-        "__doc__": cls.__doc__, "step": step, "_base": base, "_kind": kind, "_params": names,
+        "__doc__": cls.__doc__, "step": step, "set_timesteps": _set_timesteps_function(cls), "_base": base, "_kind": kind, "_params": names,
         "_output": configs.output_class(base), "_fused": staticmethod(_STEPS[kind.name])})
     _CLASSES[cls] = made
     return made
@@ -727,7 +828,7 @@ def fast_scheduler(scheduler, *, seed: int | None = None, pred_original_sample: 
         fast = scheduler
     else:
         cls = fast_class(type(scheduler))
-        fast = object.__new__(cls)
+        fast = cls.__new__(cls)
         fast.__dict__ = scheduler.__dict__
     sf = fast._sf
     if seed is not None:

@@ -27,9 +27,12 @@ def host(t) -> np.ndarray:
 def mark_absent(rows: np.ndarray) -> np.ndarray:
     """``rows`` with the terms the scheduler's formula does not have marked: a column that is 0 in every
     row (NaN rows, timesteps off the schedule, aside) has its zeros made -0.0, every other zero +0.0.
+    A (blocks, n, NCOEF) stack is marked block by block and returned flattened.
     The step skips a -0.0 term (``reference.diffusion.times``), so an inf in its value does not become
     0 * inf = NaN where diffusers never forms that product, while a +0.0 coefficient (a term diffusers
     computes, e.g. DDPM's sample term at t = 0) multiplies as in diffusers: 0 * inf is NaN there too."""
+    if rows.ndim == 3:
+        return np.concatenate([mark_absent(block) for block in rows])
     rows = rows + 0.0  # -0.0 -> +0.0
     zero = rows == 0
     absent = (zero | np.isnan(rows)).all(axis=0) & zero.any(axis=0)
@@ -330,6 +333,26 @@ def dpm_rows(s, order: int) -> np.ndarray:
     return rows
 
 
+def dpm_sequence_rows(s, order: int) -> np.ndarray:
+    """DPM rows per step index k at the order a run from index 0 takes there, capped at ``order`` (per-sample
+    timesteps: each sample's row is found by its timestep)."""
+    per = [dpm_rows(s, o) for o in range(1, order + 1)]
+    return np.stack([per[min(dpm_order(s, k, k), order) - 1][k] for k in range(len(s.timesteps))])
+
+
+def dpm_stacked_rows(s) -> np.ndarray:
+    """(solver_order, n, NCOEF): ``dpm_rows`` of orders 1..solver_order, one block each (row (o - 1) * n + k of
+    the flattened table is order o at step index k; the compiled step chooses it on the device with
+    ``dpm_max_orders``)."""
+    return np.stack([dpm_rows(s, o) for o in range(1, s.config.solver_order + 1)])
+
+
+def dpm_max_orders(s) -> np.ndarray:
+    """(n, 1): the order diffusers takes at step index k once the warm-up is over; the order of a step is
+    min(this, lower_order_nums + 1)."""
+    return np.array([[dpm_order(s, k, s.config.solver_order)] for k in range(len(s.timesteps))], dtype=np.float64)
+
+
 def dpm_order(s, k: int, lower_order_nums: int) -> int:
     """The order diffusers' DPMSolverMultistepScheduler.step takes at step index k."""
     cfg = s.config
@@ -433,3 +456,26 @@ def unipc_orders(s, k: int, lower_order_nums: int, last_sample_set: bool) -> tup
     this = min(cfg.solver_order, len(s.timesteps) - k) if cfg.lower_order_final else cfg.solver_order
     this = min(this, lower_order_nums + 1)
     return this, (s.this_order if use_corrector else 0), this
+
+
+def unipc_stacked_rows(s) -> np.ndarray:
+    """(order * (order + 1), n, NCOEF): ``unipc_rows`` of every (predictor p, corrector c) pair, one block each
+    (row ((p - 1) * (order + 1) + c) * n + k of the flattened table; the compiled step chooses it on the device
+    with ``unipc_selectors``)."""
+    order = s.config.solver_order
+    return np.stack([unipc_rows(s, p, c) for p in range(1, order + 1) for c in range(order + 1)])
+
+
+def unipc_selectors(s) -> np.ndarray:
+    """(n, 2) per step index k: the predictor order once the warm-up is over (min with lower_order_nums + 1
+    on the device), and 1 where the corrector may run (k > 0, k - 1 not in disable_corrector)."""
+    n, order = len(s.timesteps), s.config.solver_order
+    k = np.arange(n)
+    p = np.minimum(order, n - k) if s.config.lower_order_final else np.full(n, order)
+    corr = (k > 0) & ~np.isin(k - 1, list(s.disable_corrector))
+    return np.stack([p, corr], axis=1).astype(np.float64)
+
+
+def lcm_single_row(s, t: float, k: int, noisy: bool) -> np.ndarray:
+    """(1, NCOEF): the LCM row of a timestep off its step index (``lcm_row``)."""
+    return lcm_row(s, t, k, noisy)[None]
