@@ -566,6 +566,16 @@ def _shift(s, conv, timestep=None):
         s.timestep_list[-1] = timestep
 
 
+def _warm_up(s, call: _Call) -> None:
+    """diffusers' lower_order_nums moved on, up to solver_order (traced: on the device)."""
+    order = s.config.solver_order
+    if call.index is not None:
+        lower = compiled.counter(s, "lower_order_nums", call.device)
+        compiled.store(s, "lower_order_nums", torch.clamp(lower + 1, max=order))
+    elif s.lower_order_nums < order:
+        s.lower_order_nums += 1
+
+
 def _conv_dtype(cfg, x0_form: bool, s_dt, m_dt, thresholding: bool):
     if x0_form:
         return _x0_dtype(cfg, s_dt, m_dt)
@@ -614,10 +624,7 @@ def _step_dpm(s: FastScheduler, call: _Call):
     prev, _, conv, _ = call.run(tab, key, ts, out_shape, u=u, k=k, x0_mode=2 if thresholding else 0, noise=noise,
                                 history=history, out_dtype=conv_dt, conv_dtype=conv_dt, lookup=_lookup(call))
     _shift(s, conv)
-    if call.index is not None:
-        compiled.store(s, "lower_order_nums", torch.clamp(lower + 1, max=cfg.solver_order))
-    elif s.lower_order_nums < cfg.solver_order:
-        s.lower_order_nums += 1
+    _warm_up(s, call)
     _advance(s, call, key)
     return call.output(prev)
 
@@ -667,11 +674,9 @@ def _step_unipc(s: FastScheduler, call: _Call):
     s.last_sample = xs if keep_xs else call.sample
     if call.index is not None:
         compiled.store(s, "this_order", p)
-        compiled.store(s, "lower_order_nums", torch.clamp(lower + 1, max=order))
     else:
         s.this_order = this
-        if s.lower_order_nums < cfg.solver_order:
-            s.lower_order_nums += 1
+    _warm_up(s, call)
     _advance(s, call, key)
     return call.output(prev)
 
