@@ -67,7 +67,7 @@ def to_host(s) -> None:
         value = d.get(name)
         if type(value) is DeviceCounter:
             d[name] = int(value)
-    sf = s._sf
+    sf = s._sf_state
     if sf.compiled_offset is not None:
         sf.offset += int(sf.compiled_offset.item())
         sf.compiled_offset = None

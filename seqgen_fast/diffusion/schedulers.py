@@ -221,7 +221,7 @@ class _Call:
                  "sample", "device", "traced", "index")
 
     def __init__(self, s: FastScheduler, opts: dict, guidance_scale, guidance_rescale, variance_noise, traced: bool):
-        self.s, self.sf, self.opts = s, s._sf, opts
+        self.s, self.sf, self.opts = s, s._sf_state, opts
         self.traced = traced  # inside torch.compile: the state on the device (``compiled``)
         self.index = None     # traced: the step index, a (1,) device tensor
         mo, sample = opts["model_output"], opts["sample"]
@@ -566,9 +566,8 @@ def _shift(s, conv, timestep=None):
         s.timestep_list[-1] = timestep
 
 
-def _warm_up(s, call: _Call) -> None:
-    """diffusers' lower_order_nums moved on, up to solver_order (traced: on the device)."""
-    order = s.config.solver_order
+def _warm_up(s, call: _Call, order: int) -> None:
+    """diffusers' lower_order_nums moved on, up to ``order`` (solver_order; traced: on the device)."""
     if call.index is not None:
         lower = compiled.counter(s, "lower_order_nums", call.device)
         compiled.store(s, "lower_order_nums", torch.clamp(lower + 1, max=order))
@@ -624,7 +623,7 @@ def _step_dpm(s: FastScheduler, call: _Call):
     prev, _, conv, _ = call.run(tab, key, ts, out_shape, u=u, k=k, x0_mode=2 if thresholding else 0, noise=noise,
                                 history=history, out_dtype=conv_dt, conv_dtype=conv_dt, lookup=_lookup(call))
     _shift(s, conv)
-    _warm_up(s, call)
+    _warm_up(s, call, cfg.solver_order)
     _advance(s, call, key)
     return call.output(prev)
 
@@ -676,7 +675,7 @@ def _step_unipc(s: FastScheduler, call: _Call):
         compiled.store(s, "this_order", p)
     else:
         s.this_order = this
-    _warm_up(s, call)
+    _warm_up(s, call, cfg.solver_order)
     _advance(s, call, key)
     return call.output(prev)
 
