@@ -28,6 +28,7 @@ STEPS = 8
 # (class, config, step keywords): every kind, its noisy variants, and the multistep solvers' orders
 CASES = [
     ("DDPMScheduler", {}, {}),
+    ("DDPMScheduler", {"thresholding": True, "sample_max_value": 2.5}, {}),  # the quantile pass
     ("DDIMScheduler", {}, {}),
     ("DDIMScheduler", {}, {"eta": 0.7}),
     ("EulerDiscreteScheduler", {}, {}),

@@ -298,3 +298,22 @@ def test_regression_thresholding_pass_skips_absent_terms(backend):
     assert torch.isfinite(want.pred_original_sample).all()
     assert torch.allclose(got.pred_original_sample, want.pred_original_sample, rtol=1e-5, atol=1e-6)
     assert torch.equal(torch.isinf(got.prev_sample), torch.isinf(want.prev_sample))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regression_thresholding_quantile_rank_on_an_element(backend):
+    """Found by the long profile: dynamic thresholding's quantile interpolated between ranks floor and
+    floor + 1 where torch.quantile takes floor and ceiling. Over 21 values at ratio 0.9 the rank is 18
+    exactly, so torch takes element 18 alone; ours formed v18 + 0 * (inf - v18) = NaN with two infinite
+    x0 values above it, where diffusers' x0 and prev_sample are finite."""
+    config = dict(prediction_type="epsilon", thresholding=True, sample_max_value=2.5, dynamic_thresholding_ratio=0.9)
+    theirs, ours = _pair("DDPMScheduler", 4, backend, **config)
+    x, m, noise = torch.randn(1, 1, 3, 7), torch.randn(1, 1, 3, 7), torch.randn(1, 1, 3, 7)
+    m[0, 0, 0, 5] = m[0, 0, 1, 5] = float("inf")
+    t = theirs.timesteps[0]
+    with fixed_noise(theirs, noise):
+        want = theirs.step(m, t, x)
+    got = ours.step(m, t, x, variance_noise=noise)
+    assert torch.isfinite(want.prev_sample).all() and torch.isfinite(want.pred_original_sample).all()
+    assert torch.allclose(got.pred_original_sample, want.pred_original_sample, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got.prev_sample, want.prev_sample, rtol=1e-5, atol=1e-6)

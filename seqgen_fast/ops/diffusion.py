@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .._backend import Capabilities, dispatcher, forced_backend, interpret_mode
@@ -227,19 +228,28 @@ def rescale_factor(u: torch.Tensor, k: torch.Tensor, guidance_scale: float, guid
     return guidance_rescale * k.float().std(dim=dims) / m.std(dim=dims) + (1.0 - guidance_rescale)
 
 
+@torch._dynamo.assume_constant_result
+def _quantile_rank(ratio: float, n: int) -> tuple[int, int, float]:
+    """(floor, ceiling, fraction) of torch.quantile's rank ratio * (n - 1) of n float32 values, computed in
+    float32 as torch does (a host computation: constant under torch.compile)."""
+    pos = np.float32(ratio) * np.float32(n - 1)
+    lo = int(np.floor(pos))
+    return lo, min(int(np.ceil(pos)), n - 1), float(pos - lo)
+
+
 def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Dynamic-thresholding scale s_b = clamp(quantile(|x0_b|, ratio), 1, max_value), a (B,) float32 tensor.
 
     The quantile is torch.quantile's linear interpolation, written as a sort and a gather so it has
-    no size limit and no host sync. A sample holding a NaN gets a NaN scale, as torch.quantile gives
-    (the sort puts NaN last, where the interpolation alone would not see it).
+    no size limit and no host sync. As torch.quantile, the rank ratio * (n - 1) is computed in the
+    values' dtype, and it interpolates between its floor and its ceiling: a rank that lands on an
+    element takes that element alone, with no 0 * inf from an infinite neighbour. A sample holding a
+    NaN gets a NaN scale, as torch.quantile gives (the sort puts NaN last, where the interpolation
+    alone would not see it).
     """
     a = x0.float().reshape(x0.shape[0], -1).abs().sort(dim=1).values
-    n = a.shape[1]
-    pos = ratio * (n - 1)
-    lo = int(pos)
-    hi = min(lo + 1, n - 1)
-    s = torch.lerp(a[:, lo], a[:, hi], torch.full_like(a[:, lo], pos - lo))
+    lo, hi, w = _quantile_rank(float(ratio), a.shape[1])
+    s = torch.lerp(a[:, lo], a[:, hi], torch.full_like(a[:, lo], w))
     s = torch.where(a[:, -1].isnan(), a[:, -1], s)
     return s.clamp(min=1.0, max=max_value)
 
