@@ -19,6 +19,10 @@ float64 reference, under the dtype's bar. For float16/bfloat16 the bar is flash-
 twice the error of torch's own op in the same dtype (plus the dtype's epsilon, for ops torch
 computes exactly), because half precision cannot be held to a fixed bar independent of the op's
 conditioning.
+
+Gradients of non-finite inputs (:func:`assert_gradient_matches`): NaN and +-inf where torch's float64
+op has them (the oracle) -- or, element by element, where torch's op in the same dtype does, where the
+dtype's saturation makes that differ from float64 -- and the finite rest as above.
 """
 from __future__ import annotations
 
@@ -121,14 +125,17 @@ def assert_matches_torch(ours: torch.Tensor, ref64: torch.Tensor, theirs: torch.
       bar raised to twice torch's own error where that exceeds the fixed bar (flash-attn's rule with the
       fixed bar as its floor: an ill-conditioned case, or values the dtype cannot hold such as
       derivatives of saturated gates around 1e-300, is judged against what torch achieves);
-    * ``flush_subnormals``: values below the dtype's smallest normal number count as 0 in all three
-      (for ops whose kernels flush subnormals, --use_fast_math's FTZ, and whose CPU half-precision
-      GEMMs may; differences of subnormal size are then no error).
+    * ``flush_subnormals``: where any of the three is below the dtype's smallest normal number, all
+      three count as 0 (for ops whose kernels flush subnormals, --use_fast_math's FTZ, and whose CPU
+      half-precision GEMMs may; differences of subnormal size are then no error). Flushing each alone
+      would turn a value just above the threshold against one just below it into an error of the
+      value's whole size.
     """
     a, b, t = (v.detach().double().cpu() for v in (ours, ref64, theirs))
     if flush_subnormals and ours.dtype.is_floating_point:
         tiny = torch.finfo(ours.dtype).smallest_normal
-        a, b, t = (v.masked_fill(v.abs() < tiny, 0.0) for v in (a, b, t))
+        sub = (a.abs() < tiny) | (b.abs() < tiny) | (t.abs() < tiny)
+        a, b, t = (v.masked_fill(sub, 0.0) for v in (a, b, t))
     assert a.shape == b.shape == t.shape, f"{what}: shapes {tuple(a.shape)}, {tuple(b.shape)}, {tuple(t.shape)}"
     assert torch.equal(torch.isnan(a), torch.isnan(t)), f"{what}: NaN at other places than torch's"
     inf_a, inf_t = torch.isinf(a), torch.isinf(t)
@@ -140,3 +147,32 @@ def assert_matches_torch(ours: torch.Tensor, ref64: torch.Tensor, theirs: torch.
         assert err <= bar, f"{what}: relative error {err:.3e} > twice torch's {bar:.3e} ({ours.dtype})"
         return
     assert_matches(a.to(ours.dtype), b, theirs=t.to(ours.dtype), what=what, ulps=ulps)
+
+
+def value_classes(x: torch.Tensor) -> torch.Tensor:
+    """Per element: 0 finite, 1 NaN, 2 +inf, 3 -inf (in float64 on the CPU)."""
+    x = x.detach().double().cpu()
+    return (torch.isnan(x) * 1 + torch.isposinf(x) * 2 + torch.isneginf(x) * 3).to(torch.int8)
+
+
+def assert_gradient_matches(ours: torch.Tensor, ref64: torch.Tensor, theirs: torch.Tensor, *,
+                            what: str = "grad", ulps: float = 1) -> None:
+    """The error rule for gradients of non-finite inputs. Each element is NaN, +inf, -inf or finite as
+    in torch's own float64 op (``ref64``, the oracle), or as in torch's op in ours' dtype (``theirs``)
+    where that differs from float64: a gate that saturates to exactly 0 or 1 in float32 but not in
+    float64 meets an inf as 0 * inf = NaN in one and +-inf in the other, which is the dtype's, not an
+    error (seen: dW_ih of a huge input with an infinite c0). The elements finite in all three are
+    judged by :func:`assert_matches_torch`'s rule."""
+    a, b, t = (v.detach().double().cpu() for v in (ours, ref64, theirs))
+    assert a.shape == b.shape == t.shape, f"{what}: shapes {tuple(a.shape)}, {tuple(b.shape)}, {tuple(t.shape)}"
+    ca, cb, ct = value_classes(a), value_classes(b), value_classes(t)
+    wrong = (ca != cb) & (ca != ct)
+    if wrong.any():
+        names = ("finite", "NaN", "+inf", "-inf")
+        k = int(wrong.reshape(-1).nonzero()[0])
+        raise AssertionError(f"{what}: {int(wrong.sum())} of {a.numel()} elements are not NaN/inf/finite as in torch's "
+                             f"(the first, flat index {k}: ours {names[ca.reshape(-1)[k]]}, float64 torch "
+                             f"{names[cb.reshape(-1)[k]]}, torch in {ours.dtype} {names[ct.reshape(-1)[k]]})")
+    keep = (ca == 0) & (cb == 0) & (ct == 0)
+    assert_matches_torch(a[keep].to(ours.dtype), b[keep], t[keep].to(ours.dtype), what=what, ulps=ulps,
+                         flush_subnormals=True)
