@@ -38,6 +38,22 @@ def x(*shape):
 
 W_LSTM = [torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H)]
 W_GRU = [torch.randn(3 * H, I), torch.randn(3 * H, H), torch.randn(3 * H), torch.randn(3 * H)]
+# two layers: dropout applies between them
+W2_LSTM = W_LSTM + [torch.randn(4 * H, H), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H)]
+W2_GRU = W_GRU + [torch.randn(3 * H, H), torch.randn(3 * H, H), torch.randn(3 * H), torch.randn(3 * H)]
+
+
+def functional_dropout(kind):
+    """(ours, torch's _VF) two-layer functional calls in training, taking the dropout probability."""
+    inp, h0 = x(T, B, I), torch.zeros(2, B, H)
+    if kind == "lstm":
+        return (lambda p: F.lstm(inp, None, W2_LSTM, num_layers=2, dropout=p, training=True),
+                lambda p: torch._VF.lstm(inp, (h0, h0), W2_LSTM, True, 2, p, True, False, False))
+    return (lambda p: F.gru(inp, None, W2_GRU, num_layers=2, dropout=p, training=True),
+            lambda p: torch._VF.gru(inp, h0, W2_GRU, True, 2, p, True, False, False))
+
+
+_DROPOUT_RANGE = r"dropout should be a number in range \[0, 1\] representing the probability of an element being zeroed"
 
 # (row id, the (ours, torch's) pair it calls, the call on either, exception, message pattern)
 ROWS = [
@@ -66,6 +82,22 @@ ROWS = [
      r"GRUCell: Expected input to be 1D or 2D, got 3D instead"),
     ("GRUCell hx 3-D", lambda: cell("gru"), lambda m: m(x(B, I), x(1, B, H)), ValueError,
      r"GRUCell: Expected hidden to be 1D or 2D, got 3D instead"),
+    ("LSTM dropout -0.1", lambda: (LSTM, torch.nn.LSTM), lambda cls: cls(I, H, 2, dropout=-0.1), ValueError,
+     _DROPOUT_RANGE),
+    ("LSTM dropout 1.5", lambda: (LSTM, torch.nn.LSTM), lambda cls: cls(I, H, 2, dropout=1.5), ValueError,
+     _DROPOUT_RANGE),
+    ("LSTM dropout True", lambda: (LSTM, torch.nn.LSTM), lambda cls: cls(I, H, 2, dropout=True), ValueError,
+     _DROPOUT_RANGE),
+    ("GRU dropout NaN", lambda: (GRU, torch.nn.GRU), lambda cls: cls(I, H, 2, dropout=float("nan")), ValueError,
+     _DROPOUT_RANGE),
+    ("GRU dropout 'a'", lambda: (GRU, torch.nn.GRU), lambda cls: cls(I, H, 2, dropout="a"), ValueError,
+     r"could not convert string to float: 'a'"),
+    ("lstm dropout 1.5 in training", lambda: functional_dropout("lstm"), lambda f: f(1.5), RuntimeError,
+     r"dropout probability has to be between 0 and 1, but got 1.5"),
+    ("lstm dropout -0.1 in training", lambda: functional_dropout("lstm"), lambda f: f(-0.1), RuntimeError,
+     r"dropout probability has to be between 0 and 1, but got -0.1"),
+    ("gru dropout NaN in training", lambda: functional_dropout("gru"), lambda f: f(float("nan")), RuntimeError,
+     r"dropout probability has to be between 0 and 1, but got nan"),
 ]
 
 
@@ -130,6 +162,16 @@ FUNCTIONAL_ROWS = [
     ("gru_cell h size", lambda: F.gru_cell(x(B, I), x(B, H + 1), *W_GRU), RuntimeError,
      r"hidden0 has inconsistent hidden_size: got 5, expected 4"),
 ]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_functional_dropout_checked_only_where_it_applies(kind):
+    """As torch's _VF.lstm/gru: a dropout probability out of [0, 1] raises only where dropout runs
+    (training, between layers); in eval mode or with one layer it is never read."""
+    inp, w, w2 = x(T, B, I), (W_LSTM if kind == "lstm" else W_GRU), (W2_LSTM if kind == "lstm" else W2_GRU)
+    fn = F.lstm if kind == "lstm" else F.gru
+    fn(inp, None, w2, num_layers=2, dropout=1.5, training=False)
+    fn(inp, None, w, num_layers=1, dropout=-3.0, training=True)
 
 
 @pytest.mark.parametrize("row", FUNCTIONAL_ROWS, ids=[r[0] for r in FUNCTIONAL_ROWS])

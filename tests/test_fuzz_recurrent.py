@@ -12,8 +12,13 @@ training with gradients (input and every parameter) or inference.
 The non-finite policy under test: NaN and inf propagate exactly as in torch's LSTM/GRU in the same
 dtype -- the same elements are NaN, the same are +-inf (``fuzz.assert_matches_torch``: which saturated
 gate underflows to 0 and meets an inf depends on the dtype), the finite rest within the error rule
-against float64; gradients are compared on finite inputs (where a NaN enters, torch's gradients are NaN
-wherever it reached, which the forward comparison already pins down).
+against float64. Gradients of non-finite inputs (input, initial states) have their NaN and +-inf where
+torch's own float64 backward has them -- input, state and every weight gradient -- and the finite rest
+under the same rule (``fuzz.assert_gradient_matches``; test_*_gradients_of_non_finite_inputs_*).
+
+Dropout between layers (training): the same masks as torch's own module on the CPU under one seed
+(padded or packed input), so the same rule holds; eval mode drops nothing; on a GPU, where cuDNN
+draws its own masks, the statistics of what the modules apply (test_inter_layer_dropout_statistics).
 
 Backends: ``reference`` and ``triton`` (the Triton interpreter on the CPU, the GPU under ``-m gpu``);
 the ``cuda`` kernels run on the host emulation in a handful of examples (test_fuzz_lstm_cuda_emulated)
@@ -106,14 +111,14 @@ def seq_cases(draw, family: str) -> SeqCase:
                    draw(st.integers(0, 2 ** 31)))
 
 
-def _modules(c: SeqCase):
+def _modules(c: SeqCase, dropout: float = 0.0):
     """(torch's module in c.dtype, torch's in float64 on the same rounded weights, seqgen_fast's sharing
-    the first one's parameters)."""
+    the first one's parameters), with inter-layer ``dropout``."""
     theirs_cls, ours_cls = FAMILIES[c.family]
     torch.manual_seed(c.seed)
     extra = {"proj_size": c.proj} if c.family == "lstm" else {}
     m = theirs_cls(c.I, c.H, c.layers, bias=c.bias, batch_first=c.batch_first, bidirectional=c.bidirectional,
-                   dtype=c.dtype, **extra)
+                   dropout=dropout, dtype=c.dtype, **extra)
     m.train(c.train)
     m64 = copy.deepcopy(m).double()
     ours = ours_cls.from_torch(copy.deepcopy(m)).to(DEVICE)
@@ -165,7 +170,10 @@ def _assume_supported(backend: str, dtype: torch.dtype, *kinds: str) -> None:
     assume(not (backend == "triton" and interpret_mode() and dtype == torch.bfloat16 and "denormal" in kinds))
 
 
-def check_sequence_case(c: SeqCase, backend: str, device: str = DEVICE) -> None:
+def check_sequence_case(c: SeqCase, backend: str, device: str = DEVICE, dropout: float = 0.0) -> None:
+    """c on ``backend`` against torch's module on ``device`` and in float64 on the CPU. Each forward
+    runs from the seed ``c.seed``: with ``dropout`` (CPU only, where torch's RNNs and ours draw the
+    inter-layer masks alike) the three see the same masks."""
     _assume_supported(backend, c.dtype, c.x_kind)
     # torch's CPU half-precision GEMMs spread a NaN row of A into a neighbouring row of the product
     # (test_torch_cpu_half_gemm_spreads_nan_across_rows): once a NaN reaches a GEMM (the next step's
@@ -174,19 +182,22 @@ def check_sequence_case(c: SeqCase, backend: str, device: str = DEVICE) -> None:
     non_finite = c.x_kind in ("nan", "posinf", "neginf") or (c.h0 and c.h_kind in ("nan", "posinf", "neginf"))
     assume(not (device == "cpu" and c.dtype in (torch.float16, torch.bfloat16) and non_finite
                 and (c.T > 1 or c.layers > 1)))
-    theirs, ref, ours = _modules(c)
+    theirs, ref, ours = _modules(c, dropout)
     x, hx = _inputs(c)
     finite = c.x_kind in fuzz.FINITE_KINDS and (not c.h0 or c.h_kind in fuzz.FINITE_KINDS)
-    grad = c.train and finite and c.x_kind not in NO_GRAD_KINDS and not saturated_half(c.dtype, c.x_kind)
+    grad = c.train and c.x_kind not in NO_GRAD_KINDS and not saturated_half(c.dtype, c.x_kind)
     x_o, hx_o = _leaf(x, grad), _leaves(hx, grad)
+    torch.manual_seed(c.seed)
     with seqgen_fast.use_backend(backend):
         out, states = _run(ours, x_o, hx_o, c.lengths, c.batch_first, device)
     x_t, hx_t = _leaf(x, grad), _leaves(hx, grad)
     theirs = theirs.to(device)  # the op replaced on that device (cuDNN on a GPU)
+    torch.manual_seed(c.seed)
     t_out, t_states = _run(theirs, x_t, hx_t, c.lengths, c.batch_first, device)
     x_r = _leaf(x.double(), grad)
     hx_r = _leaves(None if hx is None else (tuple(t.double() for t in hx) if isinstance(hx, tuple) else hx.double()),
                    grad)
+    torch.manual_seed(c.seed)
     r_out, r_states = _run(ref, x_r, hx_r, c.lengths, c.batch_first, "cpu")
     names = ["output"] + [f"state {k}" for k in range(len(states))]
     for name, a, b, t in zip(names, [out] + states, [r_out] + r_states, [t_out] + t_states):
@@ -203,7 +214,16 @@ def check_sequence_case(c: SeqCase, backend: str, device: str = DEVICE) -> None:
         if b is None:
             assert a is None or not a.any(), f"grad {k}: torch has none"
             continue
-        fuzz.assert_matches_torch(a, b, t, what=f"{backend} grad {k}", ulps=GRAD_ULPS, flush_subnormals=True)
+        compare_grads(a, b, t, finite, what=f"{backend} grad {k}")
+
+
+def compare_grads(ours: torch.Tensor, ref64: torch.Tensor, theirs: torch.Tensor, finite: bool, what: str) -> None:
+    """A gradient under the fuzz rule of its inputs: finite inputs as the outputs are judged; non-finite
+    ones with NaN/inf where float64 torch has them (``fuzz.assert_gradient_matches``)."""
+    if finite:
+        fuzz.assert_matches_torch(ours, ref64, theirs, what=what, ulps=GRAD_ULPS, flush_subnormals=True)
+    else:
+        fuzz.assert_gradient_matches(ours, ref64, theirs, what=what, ulps=GRAD_ULPS)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -237,8 +257,8 @@ def check_cell_case(case, backend: str, device: str = DEVICE) -> None:
     if given_hx:
         states = [fuzz.fill(lead + (H,), dtype, h_kind, seed + k) for k in (1, 2)]
         hx = tuple(states) if family == "lstm" else states[0]
-    grad = (train and x_kind in fuzz.FINITE_KINDS and x_kind not in NO_GRAD_KINDS and not saturated_half(dtype, x_kind)
-            and (not given_hx or h_kind in fuzz.FINITE_KINDS))
+    finite = x_kind in fuzz.FINITE_KINDS and (not given_hx or h_kind in fuzz.FINITE_KINDS)
+    grad = train and x_kind not in NO_GRAD_KINDS and not saturated_half(dtype, x_kind)
 
     def run(module, x, hx, dev):
         hx = None if hx is None else (tuple(t.to(dev) for t in hx) if isinstance(hx, tuple) else hx.to(dev))
@@ -264,8 +284,7 @@ def check_cell_case(case, backend: str, device: str = DEVICE) -> None:
         for k, (a, b, t) in enumerate(zip(_grads(ours, x_o, hx_o, outs[0], outs[1:], weight),
                                           _grads(ref, x_r, hx_r, r_outs[0], r_outs[1:], weight),
                                           _grads(theirs, x_t, hx_t, t_outs[0], t_outs[1:], weight))):
-            fuzz.assert_matches_torch(a, b, t, what=f"{backend} {family} cell grad {k}", ulps=GRAD_ULPS,
-                                      flush_subnormals=True)
+            compare_grads(a, b, t, finite, what=f"{backend} {family} cell grad {k}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -273,6 +292,114 @@ def check_cell_case(case, backend: str, device: str = DEVICE) -> None:
 @given(data=st.data())
 def test_cells_match_torch(family, backend, data):
     check_cell_case(data.draw(cell_cases(family)), backend)
+
+
+# ---- gradients of non-finite inputs -----------------------------------------------------------------
+NON_FINITE = ("nan", "posinf", "neginf")
+# a third of the profile's budget per (family, backend): every example trains, and the tests above draw
+# these kinds in some of theirs too
+NON_FINITE_EXAMPLES = max(1, settings.default.max_examples // 3)
+
+
+@st.composite
+def non_finite_kinds(draw) -> tuple[str, str]:
+    """(input kind, state kind) with at least one of them NaN or +-inf."""
+    x_kind = draw(st.sampled_from(NON_FINITE + ("normal",)))
+    return x_kind, draw(st.sampled_from(NON_FINITE if x_kind == "normal" else STATE_KINDS))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=NON_FINITE_EXAMPLES)
+@given(data=st.data())
+def test_sequence_gradients_of_non_finite_inputs_match_torch(family, backend, data):
+    """The backward of LSTM/GRU with NaN or +-inf in the input or the initial states: the gradients of
+    the input, the states and every parameter are NaN / +-inf exactly where float64 torch's are (a NaN
+    in one batch row leaves the other rows' input and state gradients finite; an inf through a
+    saturated gate makes 0 * inf = NaN in the weight gradients), the finite rest under the fuzz rule."""
+    c = data.draw(seq_cases(family))
+    (c.x_kind, c.h_kind), c.train = data.draw(non_finite_kinds()), True
+    c.h0 = c.h0 or c.x_kind == "normal"
+    check_sequence_case(c, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", CELLS)
+@settings(max_examples=NON_FINITE_EXAMPLES)
+@given(data=st.data())
+def test_cell_gradients_of_non_finite_inputs_match_torch(family, backend, data):
+    """LSTMCell/GRUCell's backward with NaN or +-inf in the input or the state, as the sequences'."""
+    case = list(data.draw(cell_cases(family)))
+    (case[7], case[8]), case[10] = data.draw(non_finite_kinds()), True  # x_kind, h_kind, train
+    case[5] = case[5] or case[7] == "normal"  # the state given when only it is non-finite
+    check_cell_case(tuple(case), backend)
+
+
+# ---- dropout between layers ---------------------------------------------------------------------------
+DROPOUT_EXAMPLES = max(1, settings.default.max_examples // 3)
+
+
+@st.composite
+def dropout_cases(draw, family: str) -> tuple[SeqCase, float]:
+    """A stacked case (2 or 3 layers, finite values, training or not) and its dropout probability,
+    the edges 0 and 1 included."""
+    c = draw(seq_cases(family))
+    c.layers = draw(st.sampled_from([2, 3]))
+    c.x_kind, c.h_kind = draw(st.sampled_from(("normal", "tiny", "equal"))), "normal"
+    c.dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    return c, draw(st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0.01, 0.99))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=DROPOUT_EXAMPLES)
+@given(data=st.data())
+def test_dropout_matches_torch_under_one_seed(family, backend, data):
+    """nn.LSTM/GRU with ``dropout`` between layers: in training ours draws the masks torch's own module
+    draws on the CPU from the same seed (padded or packed input), so outputs, states and gradients
+    match torch's under the fuzz rule; in eval mode nothing is dropped. On a GPU cuDNN draws its own
+    masks: there the statistics are checked (test_inter_layer_dropout_statistics)."""
+    if backend == "triton" and not interpret_mode():
+        pytest.skip("the same-seed comparison runs on the CPU (torch's CUDA RNNs draw cuDNN's masks)")
+    c, p = data.draw(dropout_cases(family))
+    # bfloat16 gradients under the interpreter: its truncating float32 -> bfloat16 conversion
+    # (test_interpreter_rounds_float32_to_bfloat16_by_truncation) costs more than the half-precision
+    # bar allows on few-element stacked layers, with or without dropout (seen at p = 0: 1.5e-1 against
+    # 9.1e-2 for a 2-layer GRU, H = 1); the reference backend takes bfloat16 here, the GPU run the rest
+    assume(not (backend == "triton" and interpret_mode() and c.dtype == torch.bfloat16))
+    check_sequence_case(c, backend, "cpu", dropout=p)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.75, 1.0])
+@pytest.mark.parametrize("packed", [False, True])
+def test_inter_layer_dropout_statistics(p, packed, device):
+    """What the modules apply between layers (``ops._recurrence.inter_layer_dropout``), on any device:
+    about a fraction p of the valid entries zeroed (within 5 sigma of the binomial), the kept ones
+    exactly x / (1 - p) (torch's scale, to one float32 rounding), padding of a packed batch untouched;
+    p = 0 keeps x, p = 1 zeroes every valid entry; p outside [0, 1] raises torch's error."""
+    from seqgen_fast.ops._recurrence import inter_layer_dropout
+
+    T, B, F = 37, 29, 33
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(T, B, F, generator=g) + 0.5).to(device)  # no zeros of its own
+    lengths = torch.randint(1, T + 1, (B,), generator=g).sort(descending=True).values if packed else None
+    batch_sizes = (lengths.view(1, -1) > torch.arange(T).view(-1, 1)).sum(1) if packed else None
+    valid = ((torch.arange(T).view(-1, 1) < lengths.view(1, -1)) if packed else torch.ones(T, B, dtype=torch.bool))
+    valid = valid.unsqueeze(-1).expand(T, B, F).to(device)
+    torch.manual_seed(5)
+    y = inter_layer_dropout(x, p, batch_sizes)
+    assert torch.equal(y[~valid], x[~valid]), "padding changed"
+    dropped, n = (y[valid] == 0), valid.sum().item()
+    assert abs(dropped.float().mean().item() - p) <= 5 * (p * (1 - p) / n) ** 0.5
+    if p < 1:
+        kept = ~dropped
+        scale = torch.tensor(1 / (1 - p), dtype=torch.float32)
+        ratio = y[valid][kept].double() / (x[valid][kept].double() * scale.double())
+        assert (ratio - 1).abs().max().item() <= 2 ** -23
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(RuntimeError, match="dropout probability has to be between 0 and 1, but got"):
+            inter_layer_dropout(x, bad, batch_sizes)
 
 
 # ---- the cuda kernels on the host emulation: a handful of examples (the emulation is slow) ---------
@@ -375,6 +502,40 @@ def test_regression_empty_batch_backward():
                                     "normal", "normal", "contiguous", True, 0), "reference")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_regression_packed_weight_gradient_of_inf_input(family):
+    """Found by the fuzz suite: a PackedSequence whose shorter row ends in a NaN state (an inf input
+    through weights of both signs) gave NaN in dW_hh where torch's is finite: the weight GEMM
+    multiplied the held rows' dL/dgates (0) by the state they hold (NaN). Held rows are now left out
+    of it, as torch's packed RNNs never multiply them."""
+    c = SeqCase(family, 5, 2, 3, 3, 1, False, False, False, 0, [1, 2], False, torch.float32, "posinf", "normal",
+                "contiguous", True, 100105)
+    check_sequence_case(c, "reference")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_regression_packed_dropout_draws_torchs_masks(family):
+    """Found by the dropout fuzz test: with a PackedSequence ours dropped over the padded [T, B, *]
+    layer output, torch's RNNs over the packed rows: other draws from the same seed (a valid dropout,
+    but not torch's masks). Ours now draws over the packed rows too."""
+    c = SeqCase(family, 5, 3, 3, 4, 2, False, False, True, 0, [5, 2, 3], False, torch.float32, "normal", "normal",
+                "contiguous", True, 7)
+    check_sequence_case(c, "reference", "cpu", dropout=0.5)
+
+
+@pytest.mark.xfail(strict=True, reason="float32 gradient through a gate saturated to 1 - 1.8e-7: i(1 - i) from the "
+                   "saved float32 i (one ulp = 6e-8 from 1) is 33% off; torch's CPU LSTM keeps it to 0.3%. The fuzz "
+                   "rule needs a conditioning bound for saturated gates (as saturated_half for half precision)")
+def test_regression_float32_saturated_gate_gradient():
+    """Found by the fuzz suite at 150 examples (the CI budget does not draw it; pre-existing): a huge
+    input (-2934) saturates the input gate to 1 - 1.79e-7, which torch.sigmoid gives in float32 as
+    1 - 2.38e-7 (one ulp off), so dL/dx = dc g i(1 - i) w is 1.5e-9 where float64 gives 1.1e-9 (relative
+    error 0.33 against a bar of 5.7e-3, twice torch's own)."""
+    c = SeqCase("lstm", 1, 2, 1, 2, 1, False, False, False, 0, None, False, torch.float32, "huge", "normal",
+                "contiguous", True, 0)
+    check_sequence_case(c, "reference", "cpu")
+
+
 def test_interpreter_rounds_float32_to_bfloat16_by_truncation():
     """Pins the Triton interpreter artefact behind the xfail below: it converts float32 to bfloat16 by
     dropping bits (round toward zero), where compiled kernels (cvt.rn.bf16.f32) and torch round to
@@ -395,6 +556,17 @@ def test_interpreter_rounds_float32_to_bfloat16_by_truncation():
     y = torch.empty(2, dtype=torch.bfloat16)
     _to_bf16[(1,)](x, y, N=2)
     assert y.tolist() == [1 - 2 ** -8, 0.298828125] and x.to(torch.bfloat16).tolist() == [1.0, 0.30078125]
+
+
+@pytest.mark.gpu  # compiled only: under the interpreter the bf16 rounding above costs 1.5e-1 against a 9.1e-2 bar
+def test_regression_bfloat16_stacked_gru_gradient():
+    """Found by the dropout fuzz test's long profile (at p = 0, so not dropout's): a 2-layer GRU of one
+    unit on an all-equal bfloat16 input, whose input gradient under the interpreter's truncating
+    bfloat16 conversion exceeds the half-precision bar on the triton backend (the reference backend
+    passes). Compiled kernels round to nearest even, as torch: judged there."""
+    c = SeqCase("gru", 2, 1, 1, 1, 2, False, False, False, 0, None, False, torch.bfloat16, "equal", "normal",
+                "contiguous", True, 0)
+    check_sequence_case(c, "triton", DEVICE)
 
 
 @pytest.mark.gpu  # compiled only: under the interpreter the bf16 rounding above makes z(1 - z) 2^-8 instead of 0

@@ -10,8 +10,8 @@ same way, declare the same capabilities, check arguments alike and plan a launch
 * :func:`cached_check`: the plan a launch on a stream meets, one ``_C`` query per (device, stream,
   sizes) -- each family wraps it in its own ``launch_plan`` under
   ``torch.compiler.assume_constant_result`` (a constant of the trace, never a guard).
-* Reasons (:func:`basic_reasons`, :func:`shape_reason`) for the ``supports_*`` functions, and the
-  launchers' checks of preallocated outputs, upstream gradients and overlaps.
+* Reasons (:func:`basic_reasons`, :func:`shape_reason`, :func:`size_reasons`) for the ``supports_*``
+  functions, and the launchers' checks of preallocated outputs, upstream gradients and overlaps.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from .. import _ext
 from .._backend import Capabilities
 
 __all__ = ["CAPS", "MATH_MMA", "MATH_FFMA", "sequence_math", "cell_math", "basic_reasons", "shape_reason",
-           "device_plan", "current_stream", "cached_check", "plan_key", "zeroed_flags", "check_out", "overlaps",
-           "refuse_overlaps", "grad_arg"]
+           "size_reasons", "device_plan", "current_stream", "cached_check", "plan_key", "zeroed_flags", "check_out",
+           "overlaps", "refuse_overlaps", "grad_arg"]
 
 CAPS = Capabilities("cuda", dtypes=(torch.float32, torch.float16, torch.bfloat16))
 MATH_MMA, MATH_FFMA = 0, 1  # csrc/recurrence.h enum Math
@@ -59,6 +59,13 @@ def shape_reason(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> l
     if t is None or tuple(t.shape) == tuple(shape):
         return []
     return [f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}"]
+
+
+def size_reasons(sizes: dict[str, int]) -> list[str]:
+    """[] when every size fits the kernels' int sizes (csrc's ``require_size``: each below 2^31; the
+    offsets built from them are 64-bit), else a reason naming each one that does not."""
+    return [f"{name} = {v} is past the cuda kernels' 32-bit sizes (at most 2^31 - 1)"
+            for name, v in sizes.items() if v >= 2 ** 31]
 
 
 def device_plan(plan: Callable[..., dict], dtype: torch.dtype, hidden: int, batch: int, backward: bool,

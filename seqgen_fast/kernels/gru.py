@@ -100,10 +100,11 @@ def _gate_products(acc_r, acc_z, acc_n, v_ptr, w_ptr, K, H, rows, rmask, units, 
     """acc_q[b, u] += sum_k v[b, k] * W[q*H + u, k] for the three gate blocks r, z, n of W [3H, K]."""
     w_rows = w_ptr + units[:, None].to(tl.int64) * K  # 3H x K may pass 2^31 elements
     gate = (units[:, None].to(tl.int64) * 0 + H) * K  # elements between gate blocks, int64
+    v_rows = v_ptr + rows[:, None].to(tl.int64) * K  # so may B x K (x [B, I] with I past 2^28)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
-        v = _ld(v_ptr + rows[:, None] * K + ks[None, :], rmask[:, None] & kmask[None, :])[:, None, :]
+        v = _ld(v_rows + ks[None, :], rmask[:, None] & kmask[None, :])[:, None, :]
         w = w_rows + ks[None, :]
         wmask = umask[:, None] & kmask[None, :]
         acc_r += _dot(v, w, wmask)

@@ -74,6 +74,7 @@ def supports_sequence(xg: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor |
     T, B, H = xg.shape[0], xg.shape[1], w_hh.shape[1]
     reasons += _rc.shape_reason("w_hh", w_hh, (3 * H, H)) + _rc.shape_reason("xg", xg, (T, B, 3 * H))
     reasons += _rc.shape_reason("b_hh", b_hh, (3 * H,)) + _rc.shape_reason("h0", h0, (B, H))
+    reasons += _rc.size_reasons({"seq_len": T, "batch": B})
     if not reasons and T > 0 and B > 0 and H > 0:  # no reason so far: CUDA tensors the kernel may take
         reasons += _plan_reasons(xg, H, B, False)
     return reasons
@@ -88,6 +89,7 @@ def supports_sequence_backward(w_hh: torch.Tensor, hs: torch.Tensor, act: torch.
     T, B, H = hs.shape
     reasons += _rc.shape_reason("w_hh", w_hh, (3 * H, H)) + _rc.shape_reason("act", act, (T, B, 4 * H))
     reasons += _rc.shape_reason("h0", h0, (B, H))
+    reasons += _rc.size_reasons({"seq_len": T, "batch": B})
     if not reasons and T > 0 and B > 0 and H > 0:
         reasons += _plan_reasons(hs, H, B, True)
     return reasons
@@ -104,6 +106,7 @@ def supports_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: to
     reasons += _rc.shape_reason("w_hh", w_hh, (3 * H, H)) + _rc.shape_reason("w_ih", w_ih, (3 * H, I))
     reasons += _rc.shape_reason("h", h, (B, H))
     reasons += _rc.shape_reason("b_ih", b_ih, (3 * H,)) + _rc.shape_reason("b_hh", b_hh, (3 * H,))
+    reasons += _rc.size_reasons({"batch": B, "input_size": I})
     if I == 0 and B * H > 0:
         reasons.append("input_size 0 is not supported")
     return reasons

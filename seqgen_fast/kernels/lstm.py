@@ -90,10 +90,11 @@ def _gate_products(acc_i, acc_f, acc_g, acc_o, v_ptr, w_ptr, K, H, rows, rmask, 
     """acc_q[b, u] += sum_k v[b, k] * W[q*H + u, k] for the four gate blocks q of W [4H, K]."""
     w_rows = w_ptr + units[:, None].to(tl.int64) * K  # 4H x K may pass 2^31 elements
     gate = (units[:, None].to(tl.int64) * 0 + H) * K  # elements between gate blocks, int64
+    v_rows = v_ptr + rows[:, None].to(tl.int64) * K  # so may B x K (x [B, I] with I past 2^28)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
-        v = tl.load(v_ptr + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        v = tl.load(v_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         v = v.to(tl.float32)[:, None, :]
         w = w_rows + ks[None, :]
         wmask = umask[:, None] & kmask[None, :]

@@ -92,6 +92,7 @@ def supports_sequence(xg: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0
     T, B, H = xg.shape[0], xg.shape[1], w_hh.shape[1]
     reasons += _rc.shape_reason("w_hh", w_hh, (4 * H, H)) + _rc.shape_reason("xg", xg, (T, B, 4 * H))
     reasons += _rc.shape_reason("h0", h0, (B, H)) + _rc.shape_reason("c0", c0, (B, H))
+    reasons += _rc.size_reasons({"seq_len": T, "batch": B})
     if not reasons and T > 0 and B > 0 and H > 0:  # no reason so far: CUDA tensors the kernel may take
         reasons += _plan_reasons(xg, H, B, False)
     return reasons
@@ -107,6 +108,7 @@ def supports_sequence_backward(w_hh: torch.Tensor, hs: torch.Tensor, cs: torch.T
     reasons += _rc.shape_reason("w_hh", w_hh, (4 * H, H)) + _rc.shape_reason("cs", cs, (T, B, H))
     reasons += _rc.shape_reason("gates", gates, (T, B, 4 * H))
     reasons += _rc.shape_reason("h0", h0, (B, H)) + _rc.shape_reason("c0", c0, (B, H))
+    reasons += _rc.size_reasons({"seq_len": T, "batch": B})
     if not reasons and T > 0 and B > 0 and H > 0:
         reasons += _plan_reasons(hs, H, B, True)
     return reasons
@@ -123,6 +125,7 @@ def supports_cell(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_ih: torch
     reasons += _rc.shape_reason("w_hh", w_hh, (4 * H, H)) + _rc.shape_reason("w_ih", w_ih, (4 * H, I))
     reasons += _rc.shape_reason("h", h, (B, H)) + _rc.shape_reason("c", c, (B, H))
     reasons += _rc.shape_reason("b_ih", b_ih, (4 * H,)) + _rc.shape_reason("b_hh", b_hh, (4 * H,))
+    reasons += _rc.size_reasons({"batch": B, "input_size": I})
     if I == 0 and B * H > 0:
         reasons.append("input_size 0 is not supported")
     return reasons

@@ -179,11 +179,16 @@ def backward(cell: Cell, w_hh: torch.Tensor, w_hr: torch.Tensor | None, hs: torc
 
 
 def recurrent_weight_grads(dhg: torch.Tensor, hs: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor,
-                           bias: bool = False):
+                           bias: bool = False, batch_sizes: torch.Tensor | None = None):
     """dW_hh = sum_t dhg_t^T h_{t-1}, one GEMM over all T*B rows, and with ``bias`` db_hh =
-    sum_t dhg_t. Returns ``(dW_hh, db_hh or None)``."""
+    sum_t dhg_t. Returns ``(dW_hh, db_hh or None)``. With ``batch_sizes`` the held (inactive) rows
+    are left out, as torch's packed RNNs never multiply them: dhg is 0 there, but the h_{t-1} a
+    row holds after its last step may be NaN or inf (0 * inf would be NaN in dW_hh)."""
     T, B, G = dhg.shape
     h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]], 0).reshape(T * B, h0.shape[-1])  # B may be 0
+    if batch_sizes is not None:
+        held = (torch.arange(B) >= batch_sizes.view(-1, 1)).view(T * B, 1).to(h_prev.device)
+        h_prev = h_prev.masked_fill(held, 0)
     dhg2 = dhg.reshape(T * B, G).to(w_hh.dtype)
     return dhg2.t() @ h_prev.to(w_hh.dtype), dhg2.sum(0) if bias else None
 
@@ -228,12 +233,13 @@ def reverse(x: torch.Tensor, rev_idx: torch.Tensor | None) -> torch.Tensor:
     return x.gather(0, rev_idx.unsqueeze(-1).expand_as(x))
 
 
-def layers(x: torch.Tensor, run: Callable, num_layers: int, directions: int, dropout: float):
+def layers(x: torch.Tensor, run: Callable, num_layers: int, directions: int, dropout: float,
+           batch_sizes: torch.Tensor | None):
     """Stacked layers over x [T, B, I]: ``run(x, k, reverse) -> (hs [T, B, *], final)`` runs layer
     and direction k = layer * directions + d (d = 1 reversed in time); both directions' hs are
-    concatenated along the last dim, and dropout with probability ``dropout`` (0: none) applies to
-    the output of every layer but the last (``F.dropout``: torch's own draws on the same shape).
-    Returns ``(output [T, B, *], [final of each k])``."""
+    concatenated along the last dim, and :func:`inter_layer_dropout` with probability ``dropout``
+    (0: none) applies to the output of every layer but the last. Returns ``(output [T, B, *], [final
+    of each k])``."""
     finals = []
     for layer in range(num_layers):
         outs = []
@@ -242,9 +248,28 @@ def layers(x: torch.Tensor, run: Callable, num_layers: int, directions: int, dro
             outs.append(hs)
             finals.append(final)
         x = torch.cat(outs, -1) if directions == 2 else outs[0]
-        if dropout > 0 and layer < num_layers - 1:
-            x = torch.nn.functional.dropout(x, dropout, training=True)
+        if dropout != 0 and layer < num_layers - 1:
+            x = inter_layer_dropout(x, dropout, batch_sizes)
     return x, finals
+
+
+def inter_layer_dropout(x: torch.Tensor, p: float, batch_sizes: torch.Tensor | None) -> torch.Tensor:
+    """Dropout with probability ``p`` of a layer's padded output x [T, B, F], as torch's RNNs apply it
+    between layers in training (aten's RNN.cpp: ``dropout`` of the layer output): over the packed rows
+    of a PackedSequence (``batch_sizes``; the padding is left as it is, no layer reads it) and over all
+    of x otherwise, so the draws are torch's own under one seed on the CPU (cuDNN draws its own,
+    with the same distribution). Kept entries are scaled by 1 / (1 - p); p = 1 zeroes all.
+    RuntimeError with torch's message for ``p`` outside [0, 1] (NaN included)."""
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if batch_sizes is None:
+        return torch.nn.functional.dropout(x, p, training=True)
+    T, B = x.shape[:2]
+    rows = (torch.arange(B) < batch_sizes.view(-1, 1)).view(-1).nonzero().squeeze(1).to(x.device)  # t * B + b
+    flat = x.reshape(T * B, -1)
+    dropped = torch.nn.functional.dropout(flat.index_select(0, rows), p, training=True)
+    return flat.index_copy(0, rows, dropped).view(x.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,11 +297,12 @@ def recurrence_backward(w_hh: torch.Tensor, w_hr: torch.Tensor | None, hs: torch
 
 
 def weight_grads(dG: torch.Tensor, dH: torch.Tensor | None, hs: torch.Tensor, cs: torch.Tensor,
-                 gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | None):
-    """The LSTM's dW_hh (:func:`recurrent_weight_grads`) and, with a projection, dW_hr = sum_t
-    dH_t^T m_t where m_t = o_t * tanh(c_t): one GEMM over all T*B rows. Returns
-    ``(dW_hh, dW_hr or None)``."""
-    dw_hh, _ = recurrent_weight_grads(dG, hs, h0, w_hh)
+                 gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor | None,
+                 batch_sizes: torch.Tensor | None = None):
+    """The LSTM's dW_hh (:func:`recurrent_weight_grads`, held rows of ``batch_sizes`` left out) and,
+    with a projection, dW_hr = sum_t dH_t^T m_t where m_t = o_t * tanh(c_t): one GEMM over all T*B
+    rows (held rows' gates and cell states are zero). Returns ``(dW_hh, dW_hr or None)``."""
+    dw_hh, _ = recurrent_weight_grads(dG, hs, h0, w_hh, batch_sizes=batch_sizes)
     if w_hr is None:
         return dw_hh, None
     T, B, G = dG.shape

@@ -153,7 +153,7 @@ def gru_sequence_backward(w_hh: Tensor, hs: Tensor, act: Tensor, h0: Tensor, gra
     recurrence runs on ``backend``; dW_hh = sum_t dhg_t^T h_{t-1} and db_hh = sum_t dhg_t after it."""
     dxg, dhg, dh0 = SEQ_BWD.impl(backend)(w_hh, hs, act, h0, grad_hs.contiguous(), grad_h_n.contiguous(),
                                           batch_sizes)
-    dw_hh, db_hh = _recurrence.recurrent_weight_grads(dhg, hs, h0, w_hh, bias=bias)
+    dw_hh, db_hh = _recurrence.recurrent_weight_grads(dhg, hs, h0, w_hh, bias=bias, batch_sizes=batch_sizes)
     return dxg, dw_hh, db_hh if bias else w_hh.new_empty(0), dh0.to(h0.dtype)
 
 
@@ -258,9 +258,8 @@ def gru(input: Tensor, hx: Optional[Tensor], weights: Sequence[Tensor], *, num_l
             (forward then reverse): ``w_ih`` [3H, I_l], ``w_hh`` [3H, H], then ``b_ih``, ``b_hh``
             [3H] if ``bias``.
         dropout, training: dropout with probability ``dropout`` on the output of every layer but
-            the last, only when ``training`` (``F.dropout`` on the padded [T, B, D*H] output: for
-            padded input the same draws as torch's own GRU on the CPU under one seed; cuDNN and
-            packed input draw differently, with the same distribution).
+            the last, only when ``training`` (``ops._recurrence.inter_layer_dropout``: on the CPU the
+            same draws as torch's own GRU under one seed, padded or packed; cuDNN draws its own).
         batch_sizes: int64 CPU tensor [T] of a PackedSequence (non-increasing), or None.
         backend: force "cuda", "triton" or "reference" (default: automatic).
 
@@ -298,7 +297,7 @@ def gru(input: Tensor, hx: Optional[Tensor], weights: Sequence[Tensor], *, num_l
     with _recurrence.forcing(backend):
         x, finals = _recurrence.layers(
             x, lambda inp, k, reverse: _layer_direction(inp, per_ld[k], h0[k], batch_sizes, rev_idx, reverse),
-            num_layers, directions, dropout if training else 0.0)
+            num_layers, directions, dropout if training else 0.0, batch_sizes)
     return _recurrence.unpadded(x, lengths, batch_first), torch.stack(finals)
 
 

@@ -32,9 +32,13 @@ Non-finite values, the same on every backend (tests/test_fuzz_recurrent.py): NaN
 in ``torch.nn.LSTM`` / ``LSTMCell`` in the same dtype. A NaN in the input or the initial states reaches
 exactly the elements torch's does (through the recurrent product, every unit of the following steps);
 sigmoid(+-inf) = 1 / 0, tanh(+-inf) = +-1, and a saturated gate times an infinite cell state (0 * inf)
-is NaN, as in torch. No NaN-dropping min/max is compiled into the CUDA kernels (their SASS is checked,
-``tests/support/sass.py``); the Triton cell uses none. The CUDA kernels flush subnormal fp32
-intermediates to zero (``--use_fast_math``): a difference from torch below the dtype's smallest normal.
+is NaN, as in torch. The gradients of the input, the initial states and every weight are NaN / +-inf
+where torch's backward has them (in float64; or in the same dtype, where its saturation makes the two
+differ): a NaN in one batch row leaves the other rows' gradients of x and h0/c0 finite, and the held
+rows of a PackedSequence never enter the weight GEMMs. No NaN-dropping min/max is compiled into the
+CUDA kernels (their SASS is checked, ``tests/support/sass.py``); the Triton cell uses none. The CUDA
+kernels flush subnormal fp32 intermediates to zero (``--use_fast_math``): a difference from torch below
+the dtype's smallest normal.
 
 Under ``torch.compile`` the whole public API traces with ``fullgraph=True``: backend selection is
 plain Python over shapes and dtypes (the device facts it needs are trace-time constants, see
@@ -206,7 +210,7 @@ def lstm_sequence_backward(w_hh: Tensor, w_hr: Optional[Tensor], hs: Tensor, cs:
     The recurrence runs on ``backend``; dW_hh = sum_t dG_t^T h_{t-1} and dW_hr are GEMMs after it."""
     dG, dh0, dc0, dH = SEQ_BWD.impl(backend)(w_hh, w_hr, hs, cs, gates, h0, c0, grad_hs.contiguous(),
                                              grad_h_n.contiguous(), grad_c_n.contiguous(), batch_sizes)
-    dw_hh, dw_hr = _recurrence.weight_grads(dG, dH, hs, cs, gates, h0, w_hh, w_hr)
+    dw_hh, dw_hr = _recurrence.weight_grads(dG, dH, hs, cs, gates, h0, w_hh, w_hr, batch_sizes)
     return (dG.to(gates.dtype), dw_hh, dw_hr if dw_hr is not None else w_hh.new_empty(0),
             dh0.to(h0.dtype), dc0.to(c0.dtype))
 
@@ -354,7 +358,8 @@ def lstm(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], weights: Sequence[T
             (forward then reverse): ``w_ih`` [4H, I_l], ``w_hh`` [4H, P], then ``b_ih``, ``b_hh``
             [4H] if ``bias``, then ``w_hr`` [P, H] when projecting (inferred from the count).
         dropout, training: dropout with probability ``dropout`` on the output of every layer but
-            the last, only when ``training``.
+            the last, only when ``training`` (``ops._recurrence.inter_layer_dropout``: on the CPU the
+            same draws as torch's own LSTM under one seed, padded or packed; cuDNN draws its own).
         batch_sizes: int64 CPU tensor [T] of a PackedSequence (non-increasing), or None.
         backend: force "cuda", "triton" or "reference" (default: automatic).
 
@@ -409,8 +414,8 @@ def lstm(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], weights: Sequence[T
                 h_n.append(hk)
                 c_n.append(ck)
             x = torch.cat(outs, -1) if directions == 2 else outs[0]
-            if dropout > 0 and training and layer < num_layers - 1:
-                x = F.dropout(x, dropout, training=True)
+            if training and dropout != 0 and layer < num_layers - 1:
+                x = _recurrence.inter_layer_dropout(x, dropout, batch_sizes)
     if batch_sizes is not None:
         from torch.nn.utils.rnn import pack_padded_sequence
 
