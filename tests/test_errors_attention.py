@@ -46,7 +46,7 @@ def kv(q=None, k_cache=None, v_cache=None, **kw):
     """flash_attn_with_kvcache on a (2, 1, 4, 16) query over a (2, 8, 2, 16) cache."""
     q = t(2, 1, 4, 16) if q is None else q
     k_cache = t(2, 8, 2, 16) if k_cache is None else k_cache
-    v_cache = t(*k_cache.shape, dtype=k_cache.dtype) if v_cache is None else v_cache
+    v_cache = t(*k_cache.shape, dtype=k_cache.dtype, device=k_cache.device) if v_cache is None else v_cache
     return fa.flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
 
 
@@ -54,21 +54,44 @@ def dec(q=None, k_cache=None, v_cache=None, seqlens=None, **kw):
     """decode_attention of a (2, 4, 16) query over a (2, 8, 2, 16) cache."""
     q = t(2, 4, 16) if q is None else q
     k_cache = t(2, 8, 2, 16) if k_cache is None else k_cache
-    v_cache = t(*k_cache.shape, dtype=k_cache.dtype) if v_cache is None else v_cache
-    return decode_attention(q, k_cache, v_cache, i32(3, 5) if seqlens is None else seqlens, **kw)
+    v_cache = t(*k_cache.shape, dtype=k_cache.dtype, device=k_cache.device) if v_cache is None else v_cache
+    seqlens = i32(3, 5, device=k_cache.device) if seqlens is None else seqlens
+    return decode_attention(q, k_cache, v_cache, seqlens, **kw)
 
 
 def rot(q=None, k=None, cos=None, sin=None, **kw):
     """rotary_embedding of (2, 6, 4, 16) q over a (8, 16) table (interleaved=False)."""
     q = t(2, 6, 4, 16) if q is None else q
     cos = t(8, 16) if cos is None else cos
-    return rotary_embedding(q, k, cos, t(*cos.shape) if sin is None else sin, **kw)
+    return rotary_embedding(q, k, cos, t(*cos.shape, device=cos.device) if sin is None else sin, **kw)
 
 
 def debug(fn, **kw):
     """``fn(**kw)`` under ``seqgen_fast.debug_checks()``: the host-side value checks (one sync each)."""
     with seqgen_fast.debug_checks():
         return fn(**kw)
+
+
+def on_sm75(fn, /, *args, **kw):
+    """``fn(*args, **kw)`` with the device facts of an sm_75 GPU (Turing, below Triton's floor): the capability
+    seam of the Triton supports checks (``seqgen_fast.ops.rotary.device_capability``) stubbed, so the
+    check a GPU below sm_80 reaches runs on any machine, CPU tensors under the interpreter included."""
+    from unittest import mock
+
+    from seqgen_fast.ops import rotary as rotary_ops
+
+    with mock.patch.object(rotary_ops, "device_capability", lambda device: (7, 5)):
+        return fn(*args, **kw)
+
+
+def on_triton(fn, /, **kw):
+    """``fn(**kw)`` with the triton backend forced (``use_backend``: the flash-attn entries take no backend=)."""
+    with seqgen_fast.use_backend("triton"):
+        return fn(**kw)
+
+
+def meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, device="meta", dtype=dtype)
 
 
 def mha_module(**kw):
@@ -380,6 +403,69 @@ ERRORS = [
      "(detach them)", lambda: rot(cos=t(8, 16).requires_grad_()), None),
     ("rotary_embedding", ValueError, "rotary_embedding: inplace=True is for inference: q/k require grad (use "
      "inplace=False to train)", lambda: rot(q=t(2, 6, 4, 16).requires_grad_(), inplace=True), None),
+    # what the GPU kernels decline, with the reason (automatic dispatch takes the reference instead)
+    ("flash_attention", seqgen_fast.BackendError, "attention: forced backend 'triton' cannot take these inputs: "
+     "sm_75: the Triton kernels need compute capability 8.0 or newer",
+     lambda: on_sm75(flash_attention, q=t(*Q4, device=KERNEL_DEVICE), k=t(*K4, device=KERNEL_DEVICE),
+                     v=t(*K4, device=KERNEL_DEVICE), backend="triton"), None),
+    ("scaled_dot_product_attention", seqgen_fast.BackendError, "scaled_dot_product_attention: forced backend "
+     "'triton' cannot take these inputs: sm_75: the Triton kernels need compute capability 8.0 or newer",
+     lambda: on_sm75(scaled_dot_product_attention, query=t(*S4, device=KERNEL_DEVICE),
+                     key=t(*S4, device=KERNEL_DEVICE), value=t(*S4, device=KERNEL_DEVICE), backend="triton"), None),
+    ("flash_attn_with_kvcache", seqgen_fast.BackendError, "kvcache_attention: forced backend 'triton' cannot take "
+     "these inputs: sm_75: the Triton kernels need compute capability 8.0 or newer",
+     lambda: on_sm75(on_triton, kv, q=t(2, 1, 4, 16, device=KERNEL_DEVICE),
+                     k_cache=t(2, 8, 2, 16, device=KERNEL_DEVICE), v_cache=t(2, 8, 2, 16, device=KERNEL_DEVICE)), None),
+    ("decode_attention", seqgen_fast.BackendError, "kvcache_attention: forced backend 'triton' cannot take these "
+     "inputs: sm_75: the Triton kernels need compute capability 8.0 or newer",
+     lambda: on_sm75(dec, q=t(2, 4, 16, device=KERNEL_DEVICE), k_cache=t(2, 8, 2, 16, device=KERNEL_DEVICE),
+                     v_cache=t(2, 8, 2, 16, device=KERNEL_DEVICE), seqlens=i32(3, 5, device=KERNEL_DEVICE),
+                     backend="triton"), None),
+    ("rotary_embedding", seqgen_fast.BackendError, "rotary_embedding: forced backend 'triton' cannot take these "
+     "inputs: sm_75: the Triton kernels need compute capability 8.0 or newer",
+     lambda: on_sm75(rot, q=t(2, 6, 4, 16, device=KERNEL_DEVICE), cos=t(8, 16, device=KERNEL_DEVICE),
+                     sin=t(8, 16, device=KERNEL_DEVICE), backend="triton"), None),
+    ("flash_attention", seqgen_fast.BackendError, "attention: forced backend 'triton' cannot take these inputs: "
+     "head dim 257 is outside 1..256",
+     lambda: flash_attention(t(2, 5, 4, 257, device=KERNEL_DEVICE), t(2, 7, 2, 257, device=KERNEL_DEVICE),
+                             t(2, 7, 2, 16, device=KERNEL_DEVICE), backend="triton"), None),
+    ("scaled_dot_product_attention", seqgen_fast.BackendError, "scaled_dot_product_attention: forced backend "
+     "'triton' cannot take these inputs: attn_mask requires grad (the kernels give no mask gradient)",
+     lambda: sd(attn_mask=torch.zeros(5, 5).requires_grad_(), backend="triton"), None),
+    ("flash_attn_with_kvcache", seqgen_fast.BackendError, "kvcache_attention: forced backend 'triton' cannot take "
+     "these inputs: head dim 8 is outside 16..256",
+     lambda: on_triton(kv, q=t(2, 1, 4, 8, device=KERNEL_DEVICE), k_cache=t(2, 8, 2, 8, device=KERNEL_DEVICE)), None),
+    ("decode_attention", seqgen_fast.BackendError, "kvcache_attention: forced backend 'triton' cannot take these "
+     "inputs: head dim 8 is outside 16..256",
+     lambda: dec(q=t(2, 4, 8, device=KERNEL_DEVICE), k_cache=t(2, 8, 2, 8, device=KERNEL_DEVICE),
+                 seqlens=i32(3, 5, device=KERNEL_DEVICE), backend="triton"), None),
+    ("decode_attention", seqgen_fast.BackendError, "kvcache_attention: forced backend 'triton' cannot take these "
+     "inputs: dtype float64 is not one of float16, bfloat16, float32",
+     lambda: dec(q=t(2, 4, 16, dtype=torch.float64, device=KERNEL_DEVICE),
+                 k_cache=t(2, 8, 2, 16, dtype=torch.float64, device=KERNEL_DEVICE),
+                 seqlens=i32(3, 5, device=KERNEL_DEVICE), backend="triton"), None),
+    ("rotary_embedding", seqgen_fast.BackendError, "rotary_embedding: forced backend 'triton' cannot take these "
+     "inputs: dtype float64 is not one of float16, bfloat16, float32",
+     lambda: rot(q=t(2, 6, 4, 16, dtype=torch.float64, device=KERNEL_DEVICE),
+                 cos=t(8, 16, dtype=torch.float64, device=KERNEL_DEVICE),
+                 sin=t(8, 16, dtype=torch.float64, device=KERNEL_DEVICE), backend="triton"), None),
+    # past the kernels' 32-bit offsets (meta tensors: declined before anything is allocated)
+    ("flash_attention", seqgen_fast.BackendError, "attention: forced backend 'triton' cannot take these inputs: "
+     "tensors on meta; the triton backend needs CUDA tensors; query: one sequence spans 2147483776 elements, past "
+     "the kernels' 32-bit offsets within a sequence",
+     lambda: flash_attention(meta(1, 2**31 // 512 + 1, 4, 128), meta(1, 7, 4, 128), meta(1, 7, 4, 128),
+                             backend="triton"), None),
+    ("decode_attention", seqgen_fast.BackendError, "kvcache_attention: forced backend 'triton' cannot take these "
+     "inputs: tensors on meta; the triton backend needs CUDA tensors; k_cache: its last dim spans 4261412865 "
+     "elements (stride 33554432), past the kernels' 32-bit offsets within a row",
+     lambda: decode_attention(meta(4, 16, 128), torch.empty_strided((4, 256, 8, 128), (1, 4, 1024, 2**25),
+                                                                    device="meta", dtype=torch.bfloat16),
+                              meta(4, 256, 8, 128), meta(4, dtype=torch.int32), backend="triton"), None),
+    ("rotary_embedding", seqgen_fast.BackendError, "rotary_embedding: forced backend 'triton' cannot take these "
+     "inputs: tensors on meta; the triton backend needs CUDA tensors; q: 2147483648 (token, head) rows, past the "
+     "kernel's 32-bit row numbers",
+     lambda: rotary_embedding(meta(1, 1, 1, 128).expand(2**16, 2**11, 16, 128), None, meta(2**11, 128),
+                              meta(2**11, 128), backend="triton"), None),
 ]
 
 
@@ -405,3 +491,45 @@ def table() -> str:
 
 if __name__ == "__main__":
     print(table())
+
+
+def test_the_capability_seam_reads_the_device_facts(monkeypatch):
+    """The check behind the sm_75 rows: a CUDA device's (major, minor) come from ``_ext.device_info``
+    (stubbed here: no GPU needed); below sm_80 the Triton supports checks give the reason, from sm_80
+    on none, and a device that is not CUDA has no capability to check."""
+    from seqgen_fast import _ext
+    from seqgen_fast.ops import rotary as rotary_ops
+
+    facts = {"major": 7, "minor": 5}
+    monkeypatch.setattr(_ext, "device_info", lambda device: facts)
+    assert rotary_ops.device_capability(torch.device("cuda", 0)) == (7, 5)
+    assert rotary_ops.device_capability(torch.device("cpu")) is None
+    assert rotary_ops.capability_reasons(torch.empty(1)) == []
+    facts.update(major=8, minor=0)
+    assert rotary_ops.device_capability(torch.device("cuda", 0)) == (8, 0)
+    monkeypatch.setattr(rotary_ops, "device_capability", lambda device: (8, 0))
+    assert rotary_ops.capability_reasons(torch.empty(1)) == []
+    monkeypatch.setattr(rotary_ops, "device_capability", lambda device: (7, 0))
+    assert rotary_ops.capability_reasons(torch.empty(1)) == [
+        "sm_70: the Triton kernels need compute capability 8.0 or newer"]
+
+
+@pytest.mark.gpu
+def test_gpu_below_sm80_dispatch_falls_back_to_the_reference():
+    """On a GPU reported as sm_75 (stubbed facts, real CUDA tensors), automatic dispatch of every entry
+    takes the reference backend (plain PyTorch on the GPU) and gives its result, while a forced
+    triton raises the rows above."""
+    from unittest import mock
+
+    from seqgen_fast.ops import rotary as rotary_ops
+
+    q, k, v = (t(*sh, device="cuda") for sh in (Q4, K4, K4))
+    qd, lens = t(2, 4, 16, device="cuda"), i32(3, 5, device="cuda")
+    cos, sin = t(8, 16, device="cuda"), t(8, 16, device="cuda")
+    with mock.patch.object(rotary_ops, "device_capability", lambda device: (7, 5)):
+        out = flash_attention(q, k, v, causal=True)
+        dec_out = dec(q=qd, k_cache=k, v_cache=v, seqlens=lens)
+        qr, _ = rot(q=q, cos=cos, sin=sin)
+    assert torch.equal(out, flash_attention(q, k, v, causal=True, backend="reference"))
+    assert torch.equal(dec_out, dec(q=qd, k_cache=k, v_cache=v, seqlens=lens, backend="reference"))
+    assert torch.equal(qr, rot(q=q, cos=cos, sin=sin, backend="reference")[0])

@@ -148,7 +148,7 @@ def _nonfinite_state(s, shape) -> torch.Tensor:
 
 
 def assert_step_matches(ours, ref64, theirs, *, inf_inputs: bool, subnormal_inputs: bool, what: str,
-                        unjudged: torch.Tensor | None = None) -> None:
+                        unjudged: torch.Tensor | None = None, ulps: float = 1) -> None:
     """The step's error rule, element by element against diffusers in the dtype (``theirs``), but for the
     ``unjudged`` elements: those whose solver state is finite in ours and not in diffusers' or the other
     way round (a float16 history value at the overflow boundary, which diffusers' float16 arithmetic
@@ -198,7 +198,7 @@ def assert_step_matches(ours, ref64, theirs, *, inf_inputs: bool, subnormal_inpu
         assert ((a - b).abs()[keep] <= floor + rel * scale).all(), what
         return
     fuzz.assert_matches_torch(ours.detach().cpu()[keep], ref64.detach().cpu()[keep], theirs.detach().cpu()[keep],
-                              what=what, flush_subnormals=True)
+                              what=what, flush_subnormals=True, ulps=ulps)
 
 
 def check_case(c, backend: str, device: str = DEVICE) -> None:
@@ -227,6 +227,10 @@ def check_case(c, backend: str, device: str = DEVICE) -> None:
         return
     got = _step_all(ours, c, [x.to(device) for x in xs], [m.to(device) for m in ms], noise.to(device), True)
     ref = _step_all(make(), c, [x.double() for x in xs], [m.double() for m in ms], noise.double(), False)
+    # the Triton interpreter converts float32 to bfloat16 by truncation (test_fuzz_recurrent's
+    # test_interpreter_rounds_float32_to_bfloat16_by_truncation): up to one ulp where compiled kernels
+    # and torch round to nearest, half an ulp; a solver's bfloat16 history carries it into the next step
+    ulps = 2 if backend == "triton" and interpret_mode() and dtype == torch.bfloat16 else 1
     inf_inputs = bool({c["x_kind"], c["m_kind"]} & {"posinf", "neginf"}) or (
         dtype == torch.float16 and "huge" in (c["x_kind"], c["m_kind"]))  # 1e4 N(0,1) overflows float16
     for step, (g, t, r) in enumerate(zip(got, theirs, ref)):
@@ -235,7 +239,8 @@ def check_case(c, backend: str, device: str = DEVICE) -> None:
                 continue
             assert a.dtype == tt.dtype, f"{name}: dtype {a.dtype} != diffusers' {tt.dtype}"
             assert_step_matches(a, b, tt, inf_inputs=inf_inputs, what=f"{backend} {c['kind']} step {step} {name}",
-                                subnormal_inputs="denormal" in (c["x_kind"], c["m_kind"]), unjudged=g[2] ^ t[2])
+                                subnormal_inputs="denormal" in (c["x_kind"], c["m_kind"]), unjudged=g[2] ^ t[2],
+                                ulps=ulps)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -378,3 +383,15 @@ def test_regression_float16_history_at_the_overflow_boundary(backend):
     check_case({"kind": "UniPCMultistepScheduler", "config": {"prediction_type": "epsilon"}, "kw": {},
                 "shape": (2, 4, 13, 15), "dtype": torch.float16, "steps": 4, "start": 2, "layout": "contiguous",
                 "x_kind": "huge", "m_kind": "huge", "guidance": None, "per_sample": False, "seed": 208}, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regression_bfloat16_history_rounded_by_truncation(backend):
+    """Found by the long profile: on the Triton interpreter the bfloat16 history of an SDE DPM-Solver++ step
+    is truncated, not rounded, and the next step's error passed the one-ulp bar (1.24e-2 against 1.06e-2).
+    Under the interpreter bfloat16 Triton results are judged at two ulps; compiled, at one (-m gpu)."""
+    check_case({"kind": "DPMSolverMultistepScheduler",
+                "config": {"prediction_type": "epsilon", "algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+                "kw": {}, "shape": (1, 1, 1, 16), "dtype": torch.bfloat16, "steps": 10, "start": 2,
+                "layout": "contiguous", "x_kind": "equal", "m_kind": "equal", "guidance": None, "per_sample": False,
+                "seed": 2}, backend)

@@ -331,10 +331,14 @@ def _dkdv_range(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_dst, mask_
                                   seqlen_k, k_start, dropout_p, drop_scale, qk_scale, softcap_scale, softcap_mul,
                                   win_left, win_right, stride_mm, stride_mn, HAS_MASK, MASK_BOOL, SOFTCAP, ALIBI,
                                   BAND_LEFT, BAND_RIGHT, DROPOUT, MASKED)
+        if start_m + BLOCK_M > q_len:  # the last block's rows past q_len: their zero q / dO times an inf /
+            pd_t = tl.where(row_ok[None, :], pd_t, 0.0)  # NaN k or v are NaN, which must not reach dK / dV
+            ds_t = tl.where(row_ok[None, :], ds_t, 0.0)
         dv += _dot(pd_t.to(do.dtype), do, IEEE)
         dk += _dot(ds_t.to(q.dtype), q, IEEE)
-        if FUSED_DQ:
-            dq = _dot(tl.trans(ds_t).to(k.dtype), k, IEEE) * sm_scale
+        if FUSED_DQ:  # key rows past k_len (unmasked query ranges skip the key bound): 0 * inf in q is NaN
+            ds_q = tl.where((offs_n < k_len)[:, None], ds_t, 0.0)
+            dq = _dot(tl.trans(ds_q).to(k.dtype), k, IEEE) * sm_scale
             _store(dq_dst, start_m, q_len, dq, stride_dqm, stride_dqd, D, BLOCK_M, BLOCK_D, TMA and not _INTERPRETED,
                    True)
     return dk, dv

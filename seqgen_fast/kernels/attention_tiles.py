@@ -144,7 +144,8 @@ def query_tile(tile, n_bh, n_mblocks, HEADS, CU_Q, CU_K, seqlen_q, seqlen_k, win
 def query_ranges(n0, q_len, k_len, shift, win_left, win_right, BAND_LEFT: tl.constexpr, BAND_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query ranges of key rows [n0, n0 + BLOCK_N), as :func:`key_ranges` the other way round.
-    Query rows past ``q_len`` need no masking (their lse is +inf, so their P is 0)."""
+    Query rows past ``q_len`` are not masked here: their lse is +inf, so their P is 0 unless a
+    non-finite k / v makes their zero products NaN, which the dK / dV loop zeroes in the last block."""
     last = tl.minimum(n0 + BLOCK_N, k_len) - 1
     lo = n0 * 0
     hi = q_len + n0 * 0

@@ -27,7 +27,12 @@ backend, compiled or interpreted; ``tests/test_fuzz_attention.py`` checks it):
   (torch's math path: always, as ``0 * nan``; the kernels: when the key shares a tile with keys the
   row sees), nothing else. Rows outside a varlen sequence or past ``cache_seqlens`` are never read;
 * the kernels' running maxima keep NaN when compiled (``max.NaN.f32``, not ``tl.maximum``'s
-  NaN-dropping ``max.f32``); rotary is element-wise: a NaN / inf reaches its dim and its partner dim.
+  NaN-dropping ``max.f32``); rotary is element-wise: a NaN / inf reaches its dim and its partner dim;
+* gradients: what a row sees reaches the gradients it feeds (its dq; dk, dv of the keys it sees) as
+  in torch's math SDPA. Past that torch's pattern is implementation-defined (its softmax of a NaN row
+  is NaN at masked keys too, so its dk / dv are NaN at keys the row never saw); ours lies between:
+  NaN wherever the float64 gradient of the policy above is, non-finite only where torch's math SDPA
+  in float64 is.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from .._backend import Capabilities, dispatcher
 from ..reference import attention as reference
 from .._contract import BOTTOM_RIGHT, NONE, TOP_LEFT, AttentionFeatures, attention_output
 from ._library import SDPA_AUTOCAST, autocast_as, custom_op
+from .rotary import capability_reasons
 
 ATTN = dispatcher("attention", order=("triton", "reference"))
 SDPA = dispatcher("scaled_dot_product_attention", order=("triton", "reference"))
@@ -67,7 +73,7 @@ TRITON = _TritonCaps("triton", dtypes=(torch.float16, torch.bfloat16, torch.floa
 # ----------------------------------------------------------------------------------------------
 def _kernel_reasons(q, k, v, mask, cu_q) -> list[str]:
     """Why the Triton kernels cannot take contract-shaped inputs (device reasons included)."""
-    reasons = TRITON.reasons(q, k, v, mask, cu_q, head_dims=(q.shape[-1], v.shape[-1]))
+    reasons = TRITON.reasons(q, k, v, mask, cu_q, head_dims=(q.shape[-1], v.shape[-1])) + capability_reasons(q)
     # the kernels form offsets within one sequence (rows x row stride) in 32 bits
     Ev = v.shape[-1]
     spans = [(name, (t.shape[-2] - 1) * abs(t.stride(-2)) + (t.shape[-1] - 1) * abs(t.stride(-1)) + 1)
