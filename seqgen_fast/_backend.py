@@ -136,12 +136,27 @@ def backend_unavailable(name: str) -> str | None:
     raise ValueError(name)
 
 
+TRITON_MIN_CAPABILITY = (8, 0)  # Triton's NVIDIA floor (compute capability 8.0+)
+
+
+@torch._dynamo.assume_constant_result
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device (``_ext.device_info``, cached; a constant under torch.compile), None
+    for any other device: the one place the supports checks read it."""
+    if device.type != "cuda":
+        return None
+    from . import _ext
+
+    info = _ext.device_info(device)
+    return int(info["major"]), int(info["minor"])
+
+
 def device_reasons(name: str, *tensors: torch.Tensor | None) -> list[str]:
     """Reasons backend ``name`` cannot take tensors on their devices (an empty list when it can).
 
-    ``cuda`` needs CUDA tensors. ``triton`` needs CUDA tensors, or CPU tensors when it is forced
-    under ``TRITON_INTERPRET=1``: in automatic dispatch CPU tensors go to ``reference``, since the
-    interpreter is for tests, not speed.
+    ``cuda`` needs CUDA tensors. ``triton`` needs CUDA tensors of a GPU of compute capability 8.0 or
+    newer (Triton's floor), or CPU tensors when it is forced under ``TRITON_INTERPRET=1``: in automatic
+    dispatch CPU tensors go to ``reference``, since the interpreter is for tests, not speed.
     """
     if name == "reference":
         return []
@@ -151,11 +166,15 @@ def device_reasons(name: str, *tensors: torch.Tensor | None) -> list[str]:
     if len({t.device for t in tensors if t is not None}) > 1:
         return ["tensors are on different devices: " + ", ".join(sorted({str(t.device) for t in tensors if t is not None}))]
     dev = devices.pop()
+    if name == "triton" and (dev == "cuda" or dev == "cpu" and interpret_mode() and forced_backend() == "triton"):
+        cap = device_capability(next(t for t in tensors if t is not None).device)
+        if cap is None or cap >= TRITON_MIN_CAPABILITY:
+            return []
+        return [f"sm_{cap[0]}{cap[1]}: the Triton kernels need compute capability "
+                f"{TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]} or newer"]
     if dev == "cuda":
         return []
     if name == "triton" and dev == "cpu":
-        if interpret_mode() and forced_backend() == "triton":
-            return []
         return ["CPU tensors: the triton backend takes them only when forced, under TRITON_INTERPRET=1 "
                 "(the interpreter is for tests; reference is the CPU path)"]
     return [f"tensors on {dev}; the {name} backend needs CUDA tensors"]

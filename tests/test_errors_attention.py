@@ -74,13 +74,13 @@ def debug(fn, **kw):
 
 def on_sm75(fn, /, *args, **kw):
     """``fn(*args, **kw)`` with the device facts of an sm_75 GPU (Turing, below Triton's floor): the capability
-    seam of the Triton supports checks (``seqgen_fast.ops.rotary.device_capability``) stubbed, so the
+    seam of the backends' device checks (``seqgen_fast._backend.device_capability``) stubbed, so the
     check a GPU below sm_80 reaches runs on any machine, CPU tensors under the interpreter included."""
     from unittest import mock
 
-    from seqgen_fast.ops import rotary as rotary_ops
+    from seqgen_fast import _backend
 
-    with mock.patch.object(rotary_ops, "device_capability", lambda device: (7, 5)):
+    with mock.patch.object(_backend, "device_capability", lambda device: (7, 5)):
         return fn(*args, **kw)
 
 
@@ -497,21 +497,21 @@ def test_the_capability_seam_reads_the_device_facts(monkeypatch):
     """The check behind the sm_75 rows: a CUDA device's (major, minor) come from ``_ext.device_info``
     (stubbed here: no GPU needed); below sm_80 the Triton supports checks give the reason, from sm_80
     on none, and a device that is not CUDA has no capability to check."""
-    from seqgen_fast import _ext
-    from seqgen_fast.ops import rotary as rotary_ops
+    from seqgen_fast import _backend, _ext
 
     facts = {"major": 7, "minor": 5}
     monkeypatch.setattr(_ext, "device_info", lambda device: facts)
-    assert rotary_ops.device_capability(torch.device("cuda", 0)) == (7, 5)
-    assert rotary_ops.device_capability(torch.device("cpu")) is None
-    assert rotary_ops.capability_reasons(torch.empty(1)) == []
-    facts.update(major=8, minor=0)
-    assert rotary_ops.device_capability(torch.device("cuda", 0)) == (8, 0)
-    monkeypatch.setattr(rotary_ops, "device_capability", lambda device: (8, 0))
-    assert rotary_ops.capability_reasons(torch.empty(1)) == []
-    monkeypatch.setattr(rotary_ops, "device_capability", lambda device: (7, 0))
-    assert rotary_ops.capability_reasons(torch.empty(1)) == [
-        "sm_70: the Triton kernels need compute capability 8.0 or newer"]
+    assert _backend.device_capability(torch.device("cuda", 0)) == (7, 5)
+    assert _backend.device_capability(torch.device("cpu")) is None
+    with seqgen_fast.use_backend("triton"):  # CPU tensors reach the check only when triton is forced
+        assert _backend.device_reasons("triton", torch.empty(1)) == []
+        facts.update(major=8, minor=0)
+        assert _backend.device_capability(torch.device("cuda", 0)) == (8, 0)
+        monkeypatch.setattr(_backend, "device_capability", lambda device: (8, 0))
+        assert _backend.device_reasons("triton", torch.empty(1)) == []
+        monkeypatch.setattr(_backend, "device_capability", lambda device: (7, 0))
+        assert _backend.device_reasons("triton", torch.empty(1)) == [
+            "sm_70: the Triton kernels need compute capability 8.0 or newer"]
 
 
 @pytest.mark.gpu
@@ -521,12 +521,12 @@ def test_gpu_below_sm80_dispatch_falls_back_to_the_reference():
     triton raises the rows above."""
     from unittest import mock
 
-    from seqgen_fast.ops import rotary as rotary_ops
+    from seqgen_fast import _backend
 
     q, k, v = (t(*sh, device="cuda") for sh in (Q4, K4, K4))
     qd, lens = t(2, 4, 16, device="cuda"), i32(3, 5, device="cuda")
     cos, sin = t(8, 16, device="cuda"), t(8, 16, device="cuda")
-    with mock.patch.object(rotary_ops, "device_capability", lambda device: (7, 5)):
+    with mock.patch.object(_backend, "device_capability", lambda device: (7, 5)):
         out = flash_attention(q, k, v, causal=True)
         dec_out = dec(q=qd, k_cache=k, v_cache=v, seqlens=lens)
         qr, _ = rot(q=q, cos=cos, sin=sin)

@@ -48,7 +48,6 @@ from .._backend import Capabilities, dispatcher
 from ..reference import attention as reference
 from .._contract import BOTTOM_RIGHT, NONE, TOP_LEFT, AttentionFeatures, attention_output
 from ._library import SDPA_AUTOCAST, autocast_as, custom_op
-from .rotary import capability_reasons
 
 ATTN = dispatcher("attention", order=("triton", "reference"))
 SDPA = dispatcher("scaled_dot_product_attention", order=("triton", "reference"))
@@ -73,7 +72,7 @@ TRITON = _TritonCaps("triton", dtypes=(torch.float16, torch.bfloat16, torch.floa
 # ----------------------------------------------------------------------------------------------
 def _kernel_reasons(q, k, v, mask, cu_q) -> list[str]:
     """Why the Triton kernels cannot take contract-shaped inputs (device reasons included)."""
-    reasons = TRITON.reasons(q, k, v, mask, cu_q, head_dims=(q.shape[-1], v.shape[-1])) + capability_reasons(q)
+    reasons = TRITON.reasons(q, k, v, mask, cu_q, head_dims=(q.shape[-1], v.shape[-1]))
     # the kernels form offsets within one sequence (rows x row stride) in 32 bits
     Ev = v.shape[-1]
     spans = [(name, (t.shape[-2] - 1) * abs(t.stride(-2)) + (t.shape[-1] - 1) * abs(t.stride(-1)) + 1)

@@ -23,7 +23,7 @@ from .. import _debug
 from .._backend import Capabilities, dispatcher
 from ..reference import decode as reference
 from ._library import custom_op
-from .rotary import capability_reasons, offset_reasons
+from .rotary import offset_reasons
 
 KVCACHE = dispatcher("kvcache_attention", order=("triton", "reference"))
 TRITON = Capabilities("triton", dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(16, 256))
@@ -52,7 +52,7 @@ def _triton_supports(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotar
                      rotary_interleaved, alibi_slopes, key_mask, num_splits) -> list[str]:
     return TRITON.reasons(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, cache_batch_idx,
                           cache_leftpad, block_table, alibi_slopes, key_mask, head_dims=(q.shape[-1],)) + \
-        capability_reasons(q) + offset_reasons(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+        offset_reasons(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
 
 
 @KVCACHE.register("triton", supports=_triton_supports, caps=TRITON)

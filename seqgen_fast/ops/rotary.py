@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _debug, _ext
+from .. import _debug
 from .._backend import Capabilities, dispatcher
 from ..reference import rotary as reference
 from ._library import custom_op
@@ -45,31 +45,8 @@ def offset_reasons(**named: Tensor | None) -> list[str]:
     return why
 
 
-MIN_CAPABILITY = (8, 0)  # Triton's NVIDIA floor (compute capability 8.0+: its bfloat16 and async-copy lowering)
-
-
-def device_capability(device: torch.device) -> tuple[int, int] | None:
-    """(major, minor) of a CUDA device (``_ext.device_info``, cached), None for any other device: the
-    one place the Triton supports checks of the attention, decode and rotary families read it."""
-    if device.type != "cuda":
-        return None
-    info = _ext.device_info(device)
-    return int(info["major"]), int(info["minor"])
-
-
-def capability_reasons(*tensors: Tensor | None) -> list[str]:
-    """Why the Triton kernels cannot run on the first tensor's device: a GPU below sm_80."""
-    first = next((t for t in tensors if t is not None), None)
-    cap = None if first is None else device_capability(first.device)
-    if cap is None or cap >= MIN_CAPABILITY:
-        return []
-    return [f"sm_{cap[0]}{cap[1]}: the Triton kernels need compute capability "
-            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer"]
-
-
 def _triton_supports(q, k, cos, sin, position_ids, cu_seqlens, *args) -> list[str]:
-    why = (TRITON.reasons(q, k, cos, sin, position_ids, cu_seqlens) + capability_reasons(q)
-           + offset_reasons(q=q, k=k, cos=cos, sin=sin))
+    why = TRITON.reasons(q, k, cos, sin, position_ids, cu_seqlens) + offset_reasons(q=q, k=k, cos=cos, sin=sin)
     for name, t in (("q", q), ("k", k)):
         rows = 0 if t is None or not t.shape[-1] else t.numel() // t.shape[-1]
         if rows >= 2**31:
