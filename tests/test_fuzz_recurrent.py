@@ -523,17 +523,17 @@ def test_regression_packed_dropout_draws_torchs_masks(family):
     check_sequence_case(c, "reference", "cpu", dropout=0.5)
 
 
-@pytest.mark.xfail(strict=True, reason="float32 gradient through a gate saturated to 1 - 1.8e-7: i(1 - i) from the "
-                   "saved float32 i (one ulp = 6e-8 from 1) is 33% off; torch's CPU LSTM keeps it to 0.3%. The fuzz "
-                   "rule needs a conditioning bound for saturated gates (as saturated_half for half precision)")
-def test_regression_float32_saturated_gate_gradient():
-    """Found by the fuzz suite at 150 examples (the CI budget does not draw it; pre-existing): a huge
-    input (-2934) saturates the input gate to 1 - 1.79e-7, which torch.sigmoid gives in float32 as
-    1 - 2.38e-7 (one ulp off), so dL/dx = dc g i(1 - i) w is 1.5e-9 where float64 gives 1.1e-9 (relative
-    error 0.33 against a bar of 5.7e-3, twice torch's own)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regression_float32_saturated_gate_gradient(backend):
+    """Found by the fuzz suite at 150 examples (the CI budget does not draw it): a huge input (-2934)
+    saturates the input gate to 1 - 1.7932e-7 (correctly rounded in float32: 1 - 3 ulp), which
+    1 / (1 + exp(-x)) gave as 1 - 4 ulp, so dL/dx = dc g i(1 - i) w was 1.5e-9 where float64 gives
+    1.1e-9 (relative error 0.33 against a bar of 5.7e-3, twice torch's own). Every backend's sigmoid
+    now takes 1 - sigmoid(-x) for x >= 0 (reference.lstm.sigmoid, kernels.lstm._sigmoid,
+    recurrence.cuh's sigmoid: test_fast_math_recurrent.py::test_saturated_sigmoid_keeps_one_minus_sigmoid)."""
     c = SeqCase("lstm", 1, 2, 1, 2, 1, False, False, False, 0, None, False, torch.float32, "huge", "normal",
                 "contiguous", True, 0)
-    check_sequence_case(c, "reference", "cpu")
+    check_sequence_case(c, backend, "cpu")
 
 
 def test_interpreter_rounds_float32_to_bfloat16_by_truncation():

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import lstm
-from .lstm import STEP_MAX_BATCH, _tanh, block, check_rows
+from .lstm import STEP_MAX_BATCH, _sigmoid, _tanh, block, check_rows
 
 __all__ = ["cell_forward", "cell_backward", "cell_step", "STEP_MAX_BATCH"]
 
@@ -52,8 +52,8 @@ def _cell_fwd_kernel(xg_ptr, s_xg, hg_ptr, s_hg, hp_ptr, s_hp, h_ptr, s_h, act_p
     row, cols, mask = _row_tile(H, BLOCK)
     x = xg_ptr + row * s_xg + cols
     g = hg_ptr + row * s_hg + cols
-    r = tl.sigmoid(_ld(x, mask) + _ld(g, mask))
-    z = tl.sigmoid(_ld(x + H, mask) + _ld(g + H, mask))
+    r = _sigmoid(_ld(x, mask) + _ld(g, mask))
+    z = _sigmoid(_ld(x + H, mask) + _ld(g + H, mask))
     hn = _ld(g + 2 * H, mask)
     n = _tanh(_ld(x + 2 * H, mask) + r * hn)
     h_prev = _ld(hp_ptr + row * s_hp + cols, mask)
@@ -141,8 +141,8 @@ def _cell_step_kernel(x_ptr, h_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, h1_ptr, 
     offs = rows[:, None] * H + units[None, :]
     mask = rmask[:, None] & umask[None, :]
     h_prev = _ld(h_ptr + offs, mask)
-    r = tl.sigmoid(acc_r)
-    z = tl.sigmoid(acc_z)
+    r = _sigmoid(acc_r)
+    z = _sigmoid(acc_z)
     n = _tanh(acc_xn + r * acc_hn)
     _st(h1_ptr + offs, n + z * (h_prev - n), mask)
 

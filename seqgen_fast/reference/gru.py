@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .lstm import compute_dtype
+from .lstm import compute_dtype, sigmoid
 
 __all__ = ["cell_forward", "cell_backward"]
 
@@ -35,8 +35,8 @@ def cell_forward(xg: torch.Tensor, hg: torch.Tensor, h_prev: torch.Tensor, h_out
     cd = compute_dtype(xg.dtype)
     H = h_prev.shape[-1]
     x, g = xg.to(cd), hg.to(cd)
-    r = torch.sigmoid(x[:, :H] + g[:, :H])
-    z = torch.sigmoid(x[:, H:2 * H] + g[:, H:2 * H])
+    r = sigmoid(x[:, :H] + g[:, :H])
+    z = sigmoid(x[:, H:2 * H] + g[:, H:2 * H])
     hn = g[:, 2 * H:]
     n = torch.tanh(x[:, 2 * H:] + r * hn)
     h_out.copy_(n + z * (h_prev.to(cd) - n))
