@@ -11,7 +11,8 @@ Every kernel of these families addresses with 64-bit offsets, so none declines a
   states at ``int64_t(b) * H + j``; the remaining int offsets (k < K, g*H + j of a bias) are below a
   size the launcher already bounds to 2^31 (``require_size``);
 * the Triton kernels of ``kernels/lstm.py`` / ``kernels/gru.py``: the pointwise cells' program row
-  cast to int64 before it meets the row stride, the step kernels' weight rows and x/h rows cast to
+  cast to int64 before it meets the row stride, and batches past a grid's axis 0 (2^31 - 1 rows)
+  launched in parts, the step kernels' weight rows and x/h rows cast to
   int64 before they meet K (x [B, I] passes 2^31 elements from I = 2^28 at B = 8);
 * csrc/diffusion.cu: int64 sample sizes and bases; the Triton diffusion kernels: program rows and
   chunk starts cast to int64.
@@ -170,6 +171,47 @@ def test_triton_pointwise_cells_address_rows_past_2_31():
                          timeout=600, check=False)
     last = run.stdout.split()[-1] if run.stdout.split() else "(before the first case)"
     assert run.returncode == 0, f"{last} (exit {run.returncode}): {run.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("case", POINTWISE)
+def test_triton_pointwise_cells_launch_batches_past_a_grid_axis_in_parts(case, monkeypatch):
+    """A batch of 2^31 rows or more does not fit a grid's axis 0 (2^31 - 1): the pointwise launchers
+    run such batches in parts (kernels.lstm.launch_rows). Here the limit is 2 rows, so 5 rows take three
+    launches: every row is written (outputs poisoned) and equals the reference cell's, rows past the
+    first part included."""
+    import importlib
+
+    from seqgen_fast.kernels import lstm as kl
+    from support.fuzz import rel_err
+
+    family, _ = case.split("_")
+    name, widths, written = POINTWISE[case]
+    kernels = importlib.import_module(f"seqgen_fast.kernels.{family}")
+    reference = getattr(importlib.import_module(f"seqgen_fast.reference.{family}"), name)
+    grids = []
+
+    class Spy:  # the kernel, recording each launch's grid
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    launch = kl.launch_rows
+    monkeypatch.setattr(kl, "MAX_GRID_ROWS", 2)
+    monkeypatch.setattr(kernels, "launch_rows", lambda kernel, *args, **meta: launch(Spy(kernel), *args, **meta))
+    H, n = 3, 5
+    g = torch.Generator().manual_seed(1)
+    ours = [torch.full((n, w * H), float("nan")) if k in written and k != 1
+            else torch.rand(n, w * H, generator=g) * 0.9 + 0.05 for k, w in enumerate(widths)]
+    theirs = [t.clone() for t in ours]
+    getattr(kernels, name)(*ours)
+    reference(*theirs)
+    assert [grid[0] for grid in grids] == [2, 2, 1]
+    for k in written:
+        assert not ours[k].isnan().any(), f"{case}: operand {k} not written in every row"
+        assert rel_err(ours[k], theirs[k]) < 1e-6, f"{case}: operand {k} differs from the reference"
 
 
 @pytest.mark.skipif(_ext.C is None, reason="seqgen_fast._C is not built")

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import lstm
-from .lstm import STEP_MAX_BATCH, _sigmoid, _tanh, block, check_rows
+from .lstm import STEP_MAX_BATCH, _sigmoid, _tanh, block, check_rows, launch_rows
 
 __all__ = ["cell_forward", "cell_backward", "cell_step", "STEP_MAX_BATCH"]
 
@@ -183,26 +183,20 @@ def cell_step(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.
 
 def cell_forward(xg: torch.Tensor, hg: torch.Tensor, h_prev: torch.Tensor, h_out: torch.Tensor,
                  act_out: torch.Tensor | None) -> None:
-    """Fused cell forward (one launch): see ``seqgen_fast.reference.gru.cell_forward``."""
+    """Fused cell forward (one launch per 2^31 - 1 rows): see ``seqgen_fast.reference.gru.cell_forward``."""
     n, H = h_prev.shape
     if n == 0 or H == 0:
         return
     act = act_out if act_out is not None else h_out  # placeholder pointer, never written when SAVE=False
     check_rows("gru", "xg hg h_prev h_out act_out", xg, hg, h_prev, h_out, act)
-    BLOCK = block(H)
-    _cell_fwd_kernel[(n, triton.cdiv(H, BLOCK))](
-        xg, xg.stride(0), hg, hg.stride(0), h_prev, h_prev.stride(0), h_out, h_out.stride(0), act, act.stride(0), H,
-        SAVE=act_out is not None, BLOCK=BLOCK)
+    launch_rows(_cell_fwd_kernel, [xg, hg, h_prev, h_out, act], H, SAVE=act_out is not None, BLOCK=block(H))
 
 
 def cell_backward(dm: torch.Tensor, dh: torch.Tensor, act: torch.Tensor, h_prev: torch.Tensor,
                   dxg_out: torch.Tensor, dhg_out: torch.Tensor) -> None:
-    """Fused cell backward (one launch): see ``seqgen_fast.reference.gru.cell_backward``."""
+    """Fused cell backward (one launch per 2^31 - 1 rows): see ``seqgen_fast.reference.gru.cell_backward``."""
     n, H = h_prev.shape
     if n == 0 or H == 0:
         return
     check_rows("gru", "dm dh act h_prev dxg_out dhg_out", dm, dh, act, h_prev, dxg_out, dhg_out)
-    BLOCK = block(H)
-    _cell_bwd_kernel[(n, triton.cdiv(H, BLOCK))](
-        dm, dm.stride(0), dh, dh.stride(0), act, act.stride(0), h_prev, h_prev.stride(0), dxg_out, dxg_out.stride(0),
-        dhg_out, dhg_out.stride(0), H, BLOCK=BLOCK)
+    launch_rows(_cell_bwd_kernel, [dm, dh, act, h_prev, dxg_out, dhg_out], H, BLOCK=block(H))

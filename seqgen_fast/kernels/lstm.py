@@ -196,6 +196,21 @@ def block(H: int) -> int:
     return min(triton.next_power_of_2(H), 1024)
 
 
+MAX_GRID_ROWS = 2 ** 31 - 1  # a grid's axis 0 (CUDA's limit)
+
+
+def launch_rows(kernel, tensors: list[torch.Tensor], H: int, **meta) -> None:
+    """Runs the pointwise cell ``kernel`` (its arguments: a pointer and a row stride per tensor of
+    ``tensors``, each [n, *], then H; a program per row and BLOCK hidden units) over all n rows, in
+    launches of at most :data:`MAX_GRID_ROWS` rows (views of the next rows), so a batch past a grid's
+    axis 0 runs rather than failing to launch."""
+    n = tensors[0].shape[0]
+    for start in range(0, n, MAX_GRID_ROWS):
+        rows = [t[start:start + MAX_GRID_ROWS] for t in tensors]
+        args = [a for t in rows for a in (t, t.stride(0))]
+        kernel[(rows[0].shape[0], triton.cdiv(H, meta["BLOCK"]))](*args, H, **meta)
+
+
 def check_rows(kernel: str, what: str, *tensors: torch.Tensor) -> None:
     """The pointwise cell kernels' layout: each of ``tensors`` (named by the words of ``what``) 2-D
     with a contiguous last dim (rows through their stride); ValueError naming ``kernel`` otherwise."""
@@ -207,27 +222,21 @@ def check_rows(kernel: str, what: str, *tensors: torch.Tensor) -> None:
 
 def cell_forward(pre: torch.Tensor, c_prev: torch.Tensor, m_out: torch.Tensor, c_out: torch.Tensor,
                  act_out: torch.Tensor | None) -> None:
-    """Fused cell forward (one launch): see ``seqgen_fast.reference.lstm.cell_forward``."""
+    """Fused cell forward (one launch per 2^31 - 1 rows): see ``seqgen_fast.reference.lstm.cell_forward``."""
     n, H = c_prev.shape
     if n == 0:
         return
     check_rows("lstm", "pre c_prev m_out c_out", pre, c_prev, m_out, c_out)
     act = act_out if act_out is not None else pre  # placeholder pointer, never written when SAVE=False
     check_rows("lstm", "act_out", act)
-    BLOCK = block(H)
-    _cell_fwd_kernel[(n, triton.cdiv(H, BLOCK))](
-        pre, pre.stride(0), c_prev, c_prev.stride(0), m_out, m_out.stride(0), c_out, c_out.stride(0),
-        act, act.stride(0), H, SAVE=act_out is not None, BLOCK=BLOCK)
+    launch_rows(_cell_fwd_kernel, [pre, c_prev, m_out, c_out, act], H, SAVE=act_out is not None, BLOCK=block(H))
 
 
 def cell_backward(dm: torch.Tensor, dc: torch.Tensor, act: torch.Tensor, c_prev: torch.Tensor, c: torch.Tensor,
                   dg_out: torch.Tensor) -> None:
-    """Fused cell backward (one launch): see ``seqgen_fast.reference.lstm.cell_backward``."""
+    """Fused cell backward (one launch per 2^31 - 1 rows): see ``seqgen_fast.reference.lstm.cell_backward``."""
     n, H = c.shape
     if n == 0:
         return
     check_rows("lstm", "dm dc act c_prev c dg_out", dm, dc, act, c_prev, c, dg_out)
-    BLOCK = block(H)
-    _cell_bwd_kernel[(n, triton.cdiv(H, BLOCK))](
-        dm, dm.stride(0), dc, dc.stride(0), act, act.stride(0), c_prev, c_prev.stride(0), c, c.stride(0),
-        dg_out, dg_out.stride(0), H, BLOCK=BLOCK)
+    launch_rows(_cell_bwd_kernel, [dm, dc, act, c_prev, c, dg_out], H, BLOCK=block(H))
