@@ -155,12 +155,42 @@ def _leaves(hx, grad):
     return tuple(_leaf(t, grad) for t in hx) if isinstance(hx, tuple) else _leaf(hx, grad)
 
 
+def _detached(hx):
+    return None if hx is None else (tuple(t.detach() for t in hx) if isinstance(hx, tuple) else hx.detach())
+
+
 def _grads(module, x, hx, out, states, weight):
     """Gradients of sum(out * w0) + sum(state_k * w_k) w.r.t. x, the states given and every parameter."""
     loss = sum((o.double() * w.to(o.device)).sum() for o, w in zip([out] + states, weight))
     loss.backward()
     hs = [] if hx is None else (list(hx) if isinstance(hx, tuple) else [hx])
     return [x.grad] + [h.grad for h in hs] + [p.grad for p in module.parameters()]
+
+
+def _spreads(ref, x, hx, dtype: torch.dtype, call, weight=None) -> list[float]:
+    """fuzz.sensitivity of the float64 module ``ref`` (run as ``call(module, x, hx)`` -> its outputs)
+    to an epsilon's move of x, the states and every parameter: one spread per output and, given the
+    loss ``weight``, per gradient in _grads' order. The floors of the half-precision and float32 rules
+    (zeros for float64, whose bar is fixed)."""
+    hs = [] if hx is None else (list(hx) if isinstance(hx, tuple) else [hx])
+    params = [p.detach() for p in ref.parameters()]
+    if dtype == torch.float64:
+        return [0.0] * (len(call(ref, x, hx)) + (0 if weight is None else 1 + len(hs) + len(params)))
+
+    def fn(x, *rest):
+        m = copy.deepcopy(ref)
+        with torch.no_grad():
+            for p, value in zip(m.parameters(), rest[len(hs):]):
+                p.copy_(value)
+        leaves = [t.detach().requires_grad_(weight is not None) for t in (x, *rest[:len(hs)])]
+        h = None if hx is None else (tuple(leaves[1:]) if isinstance(hx, tuple) else leaves[1])
+        with torch.enable_grad():
+            outs = call(m, leaves[0], h)
+            if weight is None:
+                return outs
+            loss = sum((o * w).sum() for o, w in zip(outs, weight))
+            return outs + list(torch.autograd.grad(loss, leaves + list(m.parameters()), allow_unused=True))
+    return fuzz.sensitivity(fn, [x, *hs, *params], dtype)
 
 
 def _assume_supported(backend: str, dtype: torch.dtype, *kinds: str) -> None:
@@ -200,13 +230,20 @@ def check_sequence_case(c: SeqCase, backend: str, device: str = DEVICE, dropout:
     torch.manual_seed(c.seed)
     r_out, r_states = _run(ref, x_r, hx_r, c.lengths, c.batch_first, "cpu")
     names = ["output"] + [f"state {k}" for k in range(len(states))]
-    for name, a, b, t in zip(names, [out] + states, [r_out] + r_states, [t_out] + t_states):
-        assert a.dtype == c.dtype
-        fuzz.assert_matches_torch(a, b, t, what=f"{backend} {name}", ulps=SEQ_ULPS, flush_subnormals=True)
-    if not grad:
-        return
     weight = [torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(c.seed + k))
               for k, o in enumerate([r_out] + r_states)]
+
+    def call(module, x, hx):  # the float64 run again, from the same seed (dropout masks)
+        torch.manual_seed(c.seed)
+        o, s = _run(module, x, hx, c.lengths, c.batch_first, "cpu")
+        return [o] + s
+    floors = _spreads(ref, x_r.detach(), _detached(hx_r), c.dtype, call, weight if grad else None)
+    for name, a, b, t, floor in zip(names, [out] + states, [r_out] + r_states, [t_out] + t_states, floors):
+        assert a.dtype == c.dtype
+        fuzz.assert_matches_torch(a, b, t, what=f"{backend} {name}", ulps=SEQ_ULPS, flush_subnormals=True,
+                                  floor=2 * floor)
+    if not grad:
+        return
     ours_g = _grads(ours, x_o, hx_o, out, states, weight)
     theirs_g = _grads(theirs, x_t, hx_t, t_out, t_states, weight)
     ref_g = _grads(ref, x_r, hx_r, r_out, r_states, weight)
@@ -214,16 +251,18 @@ def check_sequence_case(c: SeqCase, backend: str, device: str = DEVICE, dropout:
         if b is None:
             assert a is None or not a.any(), f"grad {k}: torch has none"
             continue
-        compare_grads(a, b, t, finite, what=f"{backend} grad {k}")
+        compare_grads(a, b, t, finite, what=f"{backend} grad {k}", floor=2 * floors[len(names) + k])
 
 
-def compare_grads(ours: torch.Tensor, ref64: torch.Tensor, theirs: torch.Tensor, finite: bool, what: str) -> None:
+def compare_grads(ours: torch.Tensor, ref64: torch.Tensor, theirs: torch.Tensor, finite: bool, what: str,
+                  floor: float = 0.0) -> None:
     """A gradient under the fuzz rule of its inputs: finite inputs as the outputs are judged; non-finite
-    ones with NaN/inf where float64 torch has them (``fuzz.assert_gradient_matches``)."""
+    ones with NaN/inf where float64 torch has them (``fuzz.assert_gradient_matches``). ``floor``: the
+    case's conditioning allowance (twice _spreads')."""
     if finite:
-        fuzz.assert_matches_torch(ours, ref64, theirs, what=what, ulps=GRAD_ULPS, flush_subnormals=True)
+        fuzz.assert_matches_torch(ours, ref64, theirs, what=what, ulps=GRAD_ULPS, flush_subnormals=True, floor=floor)
     else:
-        fuzz.assert_gradient_matches(ours, ref64, theirs, what=what, ulps=GRAD_ULPS)
+        fuzz.assert_gradient_matches(ours, ref64, theirs, what=what, ulps=GRAD_ULPS, floor=floor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -275,16 +314,18 @@ def check_cell_case(case, backend: str, device: str = DEVICE) -> None:
     hx_r = _leaves(None if hx is None else (tuple(t.double() for t in hx) if isinstance(hx, tuple) else hx.double()),
                    grad)
     r_outs = run(ref, x_r, hx_r, "cpu")
+    weight = [torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + k))
+              for k, o in enumerate(r_outs)]
+    floors = _spreads(ref, x_r.detach(), _detached(hx_r), dtype, lambda m, x, h: run(m, x, h, "cpu"),
+                      weight if grad else None)
     for k, (a, b, t) in enumerate(zip(outs, r_outs, t_outs)):
         fuzz.assert_matches_torch(a, b, t, what=f"{backend} {family} cell output {k}",
-                                  flush_subnormals=True)
+                                  flush_subnormals=True, floor=2 * floors[k])
     if grad:
-        weight = [torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + k))
-                  for k, o in enumerate(r_outs)]
         for k, (a, b, t) in enumerate(zip(_grads(ours, x_o, hx_o, outs[0], outs[1:], weight),
                                           _grads(ref, x_r, hx_r, r_outs[0], r_outs[1:], weight),
                                           _grads(theirs, x_t, hx_t, t_outs[0], t_outs[1:], weight))):
-            compare_grads(a, b, t, finite, what=f"{backend} {family} cell grad {k}")
+            compare_grads(a, b, t, finite, what=f"{backend} {family} cell grad {k}", floor=2 * floors[len(outs) + k])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -534,6 +575,18 @@ def test_regression_float32_saturated_gate_gradient(backend):
     c = SeqCase("lstm", 1, 2, 1, 2, 1, False, False, False, 0, None, False, torch.float32, "huge", "normal",
                 "contiguous", True, 0)
     check_sequence_case(c, backend, "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regression_float16_cell_state_cancelling(backend):
+    """Found by the long profile: an LSTMCell in float16 (B = 2, I = H = 1, one input +inf) whose finite
+    row's c' = f c + i g = -0.1934 + 0.1699 cancels 8-fold; h' was 1.1% off float64 against torch's
+    0.28% (a bar of 0.64%): the rounding orders of the gate GEMMs differ (torch adds two linear layers,
+    we one GEMM and the biases), and the cancellation amplifies either. An epsilon's move of the inputs
+    and weights moves float64's h' by more than our error (fuzz.sensitivity), so the rule allows twice
+    that."""
+    check_cell_case(("lstm", 2, 1, 1, True, True, torch.float16, "posinf", "normal", "contiguous", False, 65),
+                    backend)
 
 
 def test_interpreter_rounds_float32_to_bfloat16_by_truncation():
