@@ -150,7 +150,12 @@ def assert_matches(ours: torch.Tensor, ref64: torch.Tensor, *, theirs: torch.Ten
         bar = REL_BAR[ours.dtype] + floor
     else:
         assert theirs is not None, f"{what}: a {ours.dtype} comparison needs torch's own result in that dtype"
-        bar = 2 * rel_err(theirs, b) + ulps * EPS[ours.dtype] + floor + grid_floor(b, ours.dtype)
+        # torch's error where torch gives a number: a NaN / inf of its own at an element float64 has finite
+        # is no yardstick (seen: float16 nn.MultiheadAttention's fast path gives NaN for a fully padded row,
+        # where float32 and float64 give the output projection's bias, as ours)
+        t = theirs.detach().double().cpu()
+        told = torch.isfinite(t)
+        bar = 2 * rel_err(t[told], b[told]) + ulps * EPS[ours.dtype] + floor + grid_floor(b, ours.dtype)
     assert err <= bar, f"{what}: relative error {err:.3e} > {bar:.3e} ({ours.dtype})"
 
 
