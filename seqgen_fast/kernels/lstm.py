@@ -33,17 +33,16 @@ def _sigmoid(x):
 @triton.jit
 def _tanh(x):
     """tanh in fp32 with relative accuracy everywhere (csrc/recurrence.cuh's tanh_f32): |x| < 0.4 the odd
-    Taylor polynomial through x^11 (below 1.1e-7 relative), else sign(x) (1 - 2e / (1 + e)) with
-    e = exp(-2|x|), which saturates to +-1 (near 1 within about half an ulp: 1 - g keeps what the format
-    allows, as for _sigmoid). The exp form alone loses relative accuracy near 0 by cancellation (1e-3 at
-    |x| = 1e-4). A NaN fails both comparisons and takes the exp form: NaN, as torch.tanh."""
+    Taylor polynomial through x^11 (below 1.1e-7 relative), else sign(x) (1 - 2 sigmoid(-2|x|)), which
+    saturates to +-1 (near 1 within about half an ulp: 1 - g keeps what the format allows, as for
+    _sigmoid). The sigmoid form alone loses relative accuracy near 0 by cancellation (1e-3 at
+    |x| = 1e-4). A NaN fails both comparisons and takes the sigmoid form: NaN, as torch.tanh."""
     x2 = x * x
     p = x2 * (-1382.0 / 155925.0) + 62.0 / 2835.0
     p = p * x2 - 17.0 / 315.0
     p = p * x2 + 2.0 / 15.0
     p = p * x2 - 1.0 / 3.0
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = 1.0 - 2.0 * (e / (1.0 + e))
+    t = 1.0 - 2.0 * _sigmoid(-2.0 * tl.abs(x))
     return tl.where(tl.abs(x) < 0.4, x + (x * x2) * p, tl.where(x < 0, -t, t))
 
 
@@ -205,8 +204,9 @@ def launch_rows(kernel, tensors: list[torch.Tensor], H: int, **meta) -> None:
     launches of at most :data:`MAX_GRID_ROWS` rows (views of the next rows), so a batch past a grid's
     axis 0 runs rather than failing to launch."""
     n = tensors[0].shape[0]
-    for start in range(0, n, MAX_GRID_ROWS):
-        rows = [t[start:start + MAX_GRID_ROWS] for t in tensors]
+    parts = [tensors] if n <= MAX_GRID_ROWS else [[t[start:start + MAX_GRID_ROWS] for t in tensors]
+                                                   for start in range(0, n, MAX_GRID_ROWS)]
+    for rows in parts:  # one, but for batches past the grid (no views made per step otherwise)
         args = [a for t in rows for a in (t, t.stride(0))]
         kernel[(rows[0].shape[0], triton.cdiv(H, meta["BLOCK"]))](*args, H, **meta)
 

@@ -30,11 +30,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid(x), near 1 as accurate as the dtype allows: 1 - sigmoid(-x) for x >= 0 (sigmoid(-x)
-    keeps relative accuracy), as the kernels' fp32 sigmoid. torch.sigmoid's 1 / (1 + exp(-x)) may be
-    an ulp off below 1 (1 - 2.4e-7 in float32 for 1 - 1.79e-7), so the backward's i(1 - i), with 1 - i
-    exact from the saved i, would be 33% off there."""
-    return torch.where(x >= 0, 1 - torch.sigmoid(-x), torch.sigmoid(x))
+    """sigmoid(x), near 1 as accurate as the dtype allows, as the kernels' fp32 sigmoid: s = sigmoid(-|x|)
+    (relative accuracy), and 1 - s for x >= 0. torch.sigmoid's 1 / (1 + exp(-x)) may be an ulp off below
+    1 (1 - 2.4e-7 in float32 for 1 - 1.79e-7), so the backward's i(1 - i), with 1 - i exact from the
+    saved i, would be 33% off there. A NaN fails the comparison: s = NaN."""
+    s = torch.sigmoid(-x.abs())
+    return torch.where(x >= 0, 1 - s, s)
 
 
 def cell_forward(pre: torch.Tensor, c_prev: torch.Tensor, m_out: torch.Tensor, c_out: torch.Tensor,
